@@ -1,0 +1,156 @@
+"""Command line: `willi -c FILE [-f | --check | --lookup ADDRESS | -V]`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+
+from willi import __version__
+from willi.config import Config, ConfigError, load_config
+from willi.mappings import build_mapping
+from willi.mappings.base import MappingError
+from willi.resolver import LookupFailed, build_resolver
+from willi.server import Runtime, WilliService
+from willi.tls import TlsSetupError, server_context, upstream_contexts
+
+DEFAULT_CONFIG = "/opt/willi/etc/willi.toml"
+log = logging.getLogger("willi")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="willi", description="Willi: a recipient-routing SMTP proxy for the MX role.")
+    parser.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE",
+                        help=f"configuration file (default {DEFAULT_CONFIG})")
+    parser.add_argument("-f", "--foreground", action="store_true",
+                        help="stay in the foreground and log to stderr (for debugging)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true",
+                      help="validate the configuration, load every mapping, then exit")
+    mode.add_argument("--lookup", metavar="ADDRESS",
+                      help="show which mapping and key route ADDRESS, like postmap -q")
+    parser.add_argument("-V", "--version", action="version", version=f"willi {__version__}")
+    return parser
+
+
+def fail(message: str, status: int = 1) -> int:
+    print(f"willi: {message}", file=sys.stderr)
+    return status
+
+
+def check(config: Config) -> int:
+    """Load everything a start would load; print one line per part."""
+    print(f"config {config.path}: ok")
+    if config.tls_cert and config.tls_key:
+        server_context(config.tls_cert, config.tls_key)
+        print(f"tls: certificate {config.tls_cert} loaded")
+    upstream_contexts(config.upstream_tls_ca)
+    failures = 0
+    for index, mapping_config in enumerate(config.mappings):
+        mapping = build_mapping(mapping_config, index, case_sensitive_local=config.local_part_case_sensitive)
+        try:
+            print(f"mappings[{index}] {mapping.check()}")
+        except MappingError as exc:
+            failures += 1
+            print(f"willi: mappings[{index}] {exc}", file=sys.stderr)
+        finally:
+            mapping.close()
+    listen = ", ".join(str(a) for a in config.listen)
+    print(f"listen: {listen}")
+    return 1 if failures else 0
+
+
+def lookup(config: Config, address: str) -> int:
+    """Exit 0 and print the route when found, 1 when unmapped, 2 when a mapping failed."""
+    resolver = build_resolver(config)
+    try:
+        print(f"keys tried in order: {', '.join(resolver.keys(address))}")
+        try:
+            resolution = resolver.resolve(address)
+        except LookupFailed as exc:
+            print(f"willi: {exc}", file=sys.stderr)
+            return 2
+        if resolution.route is None:
+            print(f"{address}: no mapping matched (the client would get 554 5.7.1 Relay access denied)")
+            return 1
+        route = resolution.route
+        print(f"{address}: mapping={resolution.mapping} key={resolution.key} server={route.endpoint} "
+              f"tls_verify={str(route.tls_verify).lower()} cached={'yes' if resolution.cached else 'no'}")
+        return 0
+    finally:
+        resolver.close()
+
+
+def run_foreground(config: Config) -> int:
+    """Serve until SIGTERM/SIGINT; SIGHUP reloads the configuration."""
+    from willi.log import setup_logging
+
+    setup_logging(config.loglevel)
+    try:
+        service = WilliService(config)
+        service.bind()
+    except (OSError, MappingError, TlsSetupError) as exc:
+        return fail(str(exc))
+    stop = threading.Event()
+
+    def on_stop(signum: int, frame: object) -> None:
+        stop.set()
+
+    def on_reload(signum: int, frame: object) -> None:
+        reload_service(service, config.path)
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, on_reload)
+    service.start()
+    log.info("willi %s started in the foreground, pid %d", __version__, __import__("os").getpid())
+    while not stop.wait(1.0):
+        pass
+    log.info("stopping: no new connections, waiting up to %ss for sessions", config.shutdown_timeout)
+    service.stop(config.shutdown_timeout)
+    log.info("stopped")
+    return 0
+
+
+def reload_service(service: WilliService, path: str) -> bool:
+    """Load the file again; on any error keep the running configuration."""
+    try:
+        config = load_config(path)
+        runtime = Runtime.build(config)
+    except (ConfigError, OSError, MappingError, TlsSetupError) as exc:
+        log.error("reload failed, keeping the running configuration: %s", exc)
+        return False
+    old = service.config
+    for key in ("listen", "user", "group", "pidfile"):
+        if getattr(old, key) != getattr(config, key):
+            log.warning("reload: %s changed; this takes effect only after a restart", key)
+    service.reload(runtime)
+    logging.getLogger("willi").setLevel(config.loglevel.upper())
+    log.info("configuration reloaded from %s", path)
+    return True
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        return fail(str(exc))
+    try:
+        if args.check:
+            return check(config)
+        if args.lookup:
+            return lookup(config, args.lookup)
+    except (MappingError, TlsSetupError) as exc:
+        return fail(str(exc))
+    if args.foreground:
+        return run_foreground(config)
+    return fail("daemon mode is not available yet; run with -f", 2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""The ordered mapping chain, its lookup keys, and a thread-safe TTL cache.
+
+The cache is per (mapping, key), not per address: every address of a
+domain routed by a domain entry shares one cached answer, so 10,000
+recipients over 100 domains cost about 100 backend queries for the domain
+keys. Concurrent misses for one (mapping, key) are collapsed into a
+single backend query. Errors are never cached.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Callable
+
+from willi.config import Config
+from willi.mappings import build_mapping
+from willi.mappings.base import Mapping, MappingError
+from willi.route import Route
+
+
+class LookupFailed(Exception):
+    """A mapping could not answer: a temporary failure (451 4.3.0)."""
+
+    def __init__(self, mapping: str, key: str, error: MappingError) -> None:
+        self.mapping, self.key, self.error = mapping, key, error
+        super().__init__(f"{mapping}: lookup of {key!r} failed: {error}")
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """Where a recipient goes, and which mapping and key said so."""
+
+    route: Route | None
+    mapping: str = ""
+    key: str = ""
+    cached: bool = False
+
+
+def lookup_keys(address: str, delimiter: str, *, case_sensitive_local: bool = False) -> list[str]:
+    """Keys tried for `address`, in order: full, without subaddress, domain.
+
+    `user+ext@Example.COM` with delimiter "+" -> ["user+ext@example.com",
+    "user@example.com", "example.com"]. Several delimiter characters may be
+    given (as Postfix's recipient_delimiter); the local part is cut at the
+    first of any of them. Domains are always lower-cased; local parts too
+    unless `case_sensitive_local`. Duplicates are dropped.
+    """
+    local, sep, domain = address.rpartition("@")
+    if not sep:
+        local, domain = address, ""
+    domain = domain.lower()
+    if not case_sensitive_local:
+        local = local.lower()
+    keys = [f"{local}@{domain}" if domain else local]
+    if delimiter and not (local.startswith('"') and local.endswith('"')):
+        cut = min((i for i in (local.find(d) for d in delimiter) if i > 0), default=-1)
+        if cut > 0:
+            keys.append(f"{local[:cut]}@{domain}" if domain else local[:cut])
+    if domain:
+        keys.append(domain)
+    return list(dict.fromkeys(keys))
+
+
+_MISS = object()
+
+
+class _InFlight:
+    """One backend query that other threads asking the same key wait for."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.result: Route | None = None
+        self.error: MappingError | None = None
+
+
+class LookupCache:
+    """LRU cache with positive and negative TTLs and single-flight misses."""
+
+    def __init__(self, positive_ttl: float, negative_ttl: float, max_entries: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.positive_ttl, self.negative_ttl, self.max_entries = positive_ttl, negative_ttl, max_entries
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple[int, str], tuple[float, Route | None]] = OrderedDict()
+        self._inflight: dict[tuple[int, str], _InFlight] = {}
+        self.hits = self.misses = self.backend_queries = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def get(self, slot: tuple[int, str], fetch: Callable[[], Route | None]) -> tuple[Route | None, bool]:
+        """Return (answer, cached?) for `slot`, calling `fetch` at most once at a time."""
+        with self._lock:
+            now = self.clock()
+            entry = self._entries.get(slot, _MISS)
+            if entry is not _MISS:
+                expires, value = entry  # type: ignore[misc]
+                if expires > now:
+                    self._entries.move_to_end(slot)
+                    self.hits += 1
+                    return value, True
+                del self._entries[slot]
+            self.misses += 1
+            flight = self._inflight.get(slot)
+            leader = flight is None
+            if leader:
+                flight = self._inflight[slot] = _InFlight()
+        assert flight is not None
+        if not leader:
+            flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+            return flight.result, True
+        try:
+            self.backend_queries += 1
+            flight.result = fetch()
+        except MappingError as exc:
+            flight.error = exc
+            raise
+        finally:
+            with self._lock:
+                del self._inflight[slot]
+                if flight.error is None:
+                    ttl = self.positive_ttl if flight.result is not None else self.negative_ttl
+                    self._entries[slot] = (self.clock() + ttl, flight.result)
+                    self._entries.move_to_end(slot)
+                    while len(self._entries) > self.max_entries:
+                        self._entries.popitem(last=False)
+            flight.done.set()
+        return flight.result, False
+
+
+class Resolver:
+    """Walks the mapping chain for each recipient; the first answer wins."""
+
+    def __init__(self, mappings: Sequence[Mapping], *, delimiter: str = "+", case_sensitive_local: bool = False,
+                 cache: LookupCache | None = None) -> None:
+        self.mappings = list(mappings)
+        self.delimiter, self.case_sensitive_local = delimiter, case_sensitive_local
+        self.cache = cache or LookupCache(300.0, 60.0, 10000)
+        for mapping in self.mappings:
+            mapping.set_change_listener(self.cache.clear)
+
+    def keys(self, address: str) -> list[str]:
+        return lookup_keys(address, self.delimiter, case_sensitive_local=self.case_sensitive_local)
+
+    def resolve(self, address: str) -> Resolution:
+        """Route for `address`, or Resolution(None) when no mapping knows it.
+
+        Raises LookupFailed when a mapping errs: the chain stops there, so a
+        later, broader mapping never answers for a key an earlier one owns.
+        """
+        keys = self.keys(address)
+        for index, mapping in enumerate(self.mappings):
+            try:
+                mapping.refresh()
+            except MappingError as exc:
+                raise LookupFailed(mapping.name, keys[0], exc) from exc
+            for key in keys:
+                try:
+                    route, cached = self.cache.get((index, key), lambda m=mapping, k=key: m.lookup(k))
+                except MappingError as exc:
+                    raise LookupFailed(mapping.name, key, exc) from exc
+                if route is not None:
+                    return Resolution(route, mapping.name, key, cached)
+        return Resolution(None)
+
+    def close(self) -> None:
+        for mapping in self.mappings:
+            mapping.close()
+
+
+def build_resolver(config: Config) -> Resolver:
+    """The mapping chain and cache that `config` describes."""
+    mappings = [build_mapping(m, i, case_sensitive_local=config.local_part_case_sensitive)
+                for i, m in enumerate(config.mappings)]
+    cache = LookupCache(config.cache_positive_ttl, config.cache_negative_ttl, config.cache_max_entries)
+    return Resolver(mappings, delimiter=config.recipient_delimiter,
+                    case_sensitive_local=config.local_part_case_sensitive, cache=cache)
