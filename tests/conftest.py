@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from certs import TestPKI, make_pki
 from fakeupstream import FakeUpstream
+from support import RunningWilli, willi_config
+
+from willi.config import Config
+from willi.server import WilliService
 
 
 @pytest.fixture(scope="session")
@@ -35,3 +40,19 @@ def fake_upstream() -> Iterator[Callable[..., FakeUpstream]]:
     yield factory
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def willi(tmp_path: Path) -> Iterator[Callable[..., RunningWilli]]:
+    """Factory: `willi(upstream_port=..., mappings=..., extra=...)` starts Willi in-process."""
+    started: list[RunningWilli] = []
+
+    def factory(config: Config | None = None, **kwargs: Any) -> RunningWilli:
+        cfg = config or willi_config(directory=tmp_path, **kwargs)
+        running = RunningWilli(WilliService(cfg).start(), cfg)
+        started.append(running)
+        return running
+
+    yield factory
+    for running in started:
+        running.stop()

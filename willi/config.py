@@ -17,6 +17,7 @@ from typing import Any, Callable, Union
 import toml
 
 from willi.route import Route, RouteSyntaxError, make_route
+from willi.sqlquery import placeholder_count
 
 LOGLEVELS = ("debug", "info", "warning", "error")
 STARTTLS_POLICIES = ("always", "client", "never")
@@ -366,7 +367,7 @@ def _parse_sql(r: _Reader, base: Path) -> SqlMappingConfig:
     query = r.take("query", str, None)
     if not query:
         raise r.fail("query", "missing; e.g. \"SELECT server, tls_verify FROM routes WHERE pattern = ?\"")
-    placeholders = query.count("%s") + query.count("?")
+    placeholders = placeholder_count(query)
     if placeholders != 1:
         raise r.fail("query", f"needs exactly one placeholder (? or %s) for the lookup key, found {placeholders}")
     database = r.take("database", str, None)

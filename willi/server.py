@@ -95,7 +95,7 @@ class SessionHandler(socketserver.BaseRequestHandler):
 
     def handle(self) -> None:
         service = self.server.service
-        session = SmtpSession(self.request, self.client_address, service.runtime)
+        session = SmtpSession(self.request, self.client_address, service.runtime, service.draining)
         service.sessions_add(session)
         try:
             session.run()
@@ -153,6 +153,7 @@ class WilliService:
         self.threads: list[threading.Thread] = []
         self._sessions: set[SmtpSession] = set()
         self._sessions_lock = threading.Lock()
+        self.draining = threading.Event()
 
     @property
     def config(self) -> Config:
@@ -209,7 +210,9 @@ class WilliService:
         self.close()
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop listening, wait up to `timeout` for sessions, then close the rest."""
+        """Graceful stop: no new clients, idle ones get 421 4.3.2, transactions
+        in flight may finish for up to `timeout`, then the rest are cut off."""
+        self.draining.set()
         self.stop_accepting()
         if not self.limiter.wait_idle(timeout):
             for session in self.sessions():

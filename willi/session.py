@@ -39,6 +39,7 @@ log = logging.getLogger("willi.session")
 txlog = logging.getLogger(TRANSACTION_LOGGER)
 
 READ_CHUNK = 65536
+INTERRUPT_POLL = 1.0
 NAME_LOOKUP_WAIT = 5.0
 REFUSED_VERBS = frozenset({"AUTH", "BDAT", "XCLIENT", "XFORWARD", "ETRN", "EXPN", "TURN"})
 
@@ -49,6 +50,10 @@ class ClientGone(Exception):
 
 class ClientTimeout(Exception):
     """The client said nothing for `read_timeout`."""
+
+
+class Interrupted(Exception):
+    """An idle wait ended because Willi is shutting down."""
 
 
 class LineTooLong(Exception):
@@ -68,15 +73,24 @@ class ClientStream:
         self.read_timeout, self.write_timeout = read_timeout, write_timeout
         self.buffer = bytearray()
         self.out: list[bytes] = []
+        #: Polled about once a second while waiting; True ends the wait (shutdown).
+        self.interrupt: Callable[[], bool] = lambda: False
 
     def _recv(self) -> bytes:
-        self.sock.settimeout(self.read_timeout)
-        try:
-            data = self.sock.recv(READ_CHUNK)
-        except socket.timeout:
-            raise ClientTimeout() from None
-        except (OSError, ssl.SSLError) as exc:
-            raise ClientGone(str(exc)) from None
+        deadline = time.monotonic() + self.read_timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ClientTimeout()
+            self.sock.settimeout(min(remaining, INTERRUPT_POLL))
+            try:
+                data = self.sock.recv(READ_CHUNK)
+                break
+            except socket.timeout:
+                if self.interrupt():
+                    raise Interrupted() from None
+            except (OSError, ssl.SSLError) as exc:
+                raise ClientGone(str(exc)) from None
         if not data:
             raise ClientGone("connection closed by client")
         return data
@@ -193,8 +207,11 @@ def new_session_id() -> str:
 class SmtpSession:
     """The dialog with one client, from greeting to QUIT."""
 
-    def __init__(self, sock: socket.socket, peer: tuple, runtime: Runtime) -> None:
+    def __init__(self, sock: socket.socket, peer: tuple, runtime: Runtime,
+                 draining: threading.Event | None = None) -> None:
         self.runtime = runtime
+        self.draining = draining or threading.Event()
+        self.waiting_idle = False
         self.config = runtime.config
         self.peer_addr, self.peer_port = peer[0], peer[1]
         try:
@@ -205,6 +222,7 @@ class SmtpSession:
         if self.peer_addr.startswith("::ffff:"):
             self.peer_addr = self.peer_addr[7:]
         self.stream = ClientStream(sock, self.config.read_timeout, self.config.write_timeout)
+        self.stream.interrupt = lambda: self.waiting_idle and self.draining.is_set()
         self.sid = new_session_id()
         self.names = NameLookup(self.peer_addr, self.config.client_name_lookup)
         self.helo: str | None = None
@@ -251,11 +269,20 @@ class SmtpSession:
         try:
             self.send_reply(Reply.of(220, f"{self.config.domain} ESMTP Willi"))
             while not self.closing:
+                self.waiting_idle = self.tx is None and not self.stream.has_line()
+                if self.waiting_idle and self.draining.is_set():
+                    self._say_shutdown()
+                    return
                 try:
                     line = self.stream.readline(self.config.max_command_line)
                 except LineTooLong:
                     self.reply(500, "5.5.2 Line too long")
                     continue
+                except Interrupted:
+                    self._say_shutdown()
+                    return
+                finally:
+                    self.waiting_idle = False
                 self.dispatch(line)
             self.stream.flush()
         except ClientTimeout:
@@ -275,6 +302,9 @@ class SmtpSession:
                 self.stream.sock.close()
             except OSError:
                 pass
+
+    def _say_shutdown(self) -> None:
+        self._safe_final(Reply.of(421, f"4.3.2 {self.config.domain} Service shutting down, try again later"))
 
     def _safe_final(self, reply: Reply) -> None:
         try:
