@@ -159,7 +159,8 @@ class Transaction:
     started: float = field(default_factory=time.monotonic)
     recipients: list[str] = field(default_factory=list)
     route: Route | None = None
-    refused: int = 0
+    refused: list[str] = field(default_factory=list)
+    last_refusal: tuple[Reply, str] | None = None  # (reply, who decided) for the log
     smtputf8: bool = False
     broken: Reply | None = None  # the upstream transaction died after a recipient was accepted
 
@@ -241,9 +242,12 @@ class SmtpSession:
         return f"[{self.peer_addr}]:{self.peer_port}" if ":" in self.peer_addr else f"{self.peer_addr}:{self.peer_port}"
 
     def reply(self, code: int, text: str) -> None:
-        """Willi's own reply; 5xx count towards `max_errors`."""
-        self.send_reply(Reply.of(code, text))
-        if code >= 500:
+        self.own_reply(Reply.of(code, text))
+
+    def own_reply(self, reply: Reply) -> None:
+        """Willi's own reply (not relayed); its 5xx count towards `max_errors`."""
+        self.send_reply(reply)
+        if reply.code >= 500:
             self.errors += 1
             if self.errors >= self.config.max_errors and not self.closing:
                 self.send_reply(Reply.of(421, f"4.7.0 {self.config.domain} Too many errors, closing connection"))
@@ -462,38 +466,34 @@ class SmtpSession:
         if params:
             self.reply(555, f"5.5.4 Unsupported parameter {next(iter(params))}")
             return
-        if tx.broken is not None:
-            tx.refused += 1
-            self.send_reply(tx.broken)
-            return
         if recipient.lower() == "postmaster":
             recipient = f"postmaster@{self.config.domain}"  # RFC 5321 4.5.1: always accepted syntax
+        reply, source = self._route_recipient(tx, recipient)
+        if reply.code // 100 != 2:
+            tx.refused.append(recipient)
+            tx.last_refusal = (reply, source)
+        if source == "upstream":
+            self.relay(reply)
+        else:
+            self.own_reply(reply)
+
+    def _route_recipient(self, tx: Transaction, recipient: str) -> tuple[Reply, str]:
+        """The reply for one recipient and who decided it: proxy, lookup or upstream."""
+        if tx.broken is not None:
+            return tx.broken, "upstream"
         if len(tx.recipients) >= self.config.max_recipients:
-            tx.refused += 1
-            self.send_reply(Reply.of(452, "4.5.3 Too many recipients"))
-            return
+            return Reply.of(452, "4.5.3 Too many recipients"), "proxy"
         try:
             resolution = self.runtime.resolver.resolve(recipient)
-        except LookupFailed as exc:
+        except (LookupFailed, MappingError) as exc:
             log.error("sid=%s lookup failed: %s", self.sid, exc)
-            tx.refused += 1
-            self.send_reply(Reply.of(451, "4.3.0 Recipient lookup failed, try again later"))
-            return
-        except MappingError as exc:  # defensive: a backend raising outside the resolver's wrapper
-            log.error("sid=%s lookup failed: %s", self.sid, exc)
-            tx.refused += 1
-            self.send_reply(Reply.of(451, "4.3.0 Recipient lookup failed, try again later"))
-            return
+            return Reply.of(451, "4.3.0 Recipient lookup failed, try again later"), "lookup"
         route = resolution.route
         if route is None:
-            tx.refused += 1
-            self.reply(554, f"5.7.1 <{recipient}>: Relay access denied")
-            return
+            return Reply.of(554, f"5.7.1 <{recipient}>: Relay access denied"), "lookup"
         if tx.route is not None and not route.same_upstream(tx.route):
-            tx.refused += 1
-            self.send_reply(Reply.of(452, "4.5.3 Recipient routed elsewhere: send it in a separate transaction"))
-            return
-        self.send_reply(self._upstream_rcpt(tx, route, recipient))
+            return Reply.of(452, "4.5.3 Recipient routed elsewhere: send it in a separate transaction"), "proxy"
+        return self._upstream_rcpt(tx, route, recipient), "upstream"
 
     def _upstream_rcpt(self, tx: Transaction, route: Route, recipient: str) -> Reply:
         """Open (or reuse) the upstream and its transaction, then ask it about `recipient`."""
@@ -501,7 +501,6 @@ class SmtpSession:
             if tx.route is None:
                 failure = self._open_upstream_transaction(tx, route)
                 if failure is not None:
-                    tx.refused += 1
                     return failure
             assert self.upstream is not None
             reply = self.upstream.rcpt(recipient)
@@ -512,16 +511,13 @@ class SmtpSession:
                 # Recipients already accepted went down with the connection:
                 # the client must hear a 4xx at DATA and retry the whole message.
                 tx.broken = exc.reply
-            tx.refused += 1
             return exc.reply
         if reply.code == 421:
             self._drop_upstream(polite=False)
         if reply.code // 100 == 2:
             tx.recipients.append(recipient)
             tx.route = route
-        else:
-            tx.refused += 1
-        return reply if reply.code != 421 else Reply(451, reply.lines)
+        return reply
 
     def _open_upstream_transaction(self, tx: Transaction, route: Route) -> Reply | None:
         """Ensure a connection to `route` with MAIL accepted; a Reply when refused."""
@@ -545,7 +541,6 @@ class SmtpSession:
                 return None
             if reply.code == 421:
                 self._drop_upstream(polite=False)
-                return Reply(451, reply.lines)
             return reply
         raise AssertionError("unreachable")
 
@@ -663,8 +658,12 @@ class SmtpSession:
 
     def abort_transaction(self, why: str) -> None:
         """Forget the envelope (RSET, QUIT, STARTTLS, HELO), logging it if it got anywhere."""
-        if self.tx is not None and self.tx.recipients:
+        tx = self.tx
+        if tx is not None and tx.recipients:
             self.end_transaction("aborted", error=f"client sent {why}", error_src="client")
+        elif tx is not None and tx.last_refusal is not None:
+            reply, source = tx.last_refusal
+            self.end_transaction("rejected", reply=reply, error="no recipient accepted", error_src=source)
         self.tx = None
 
     def end_transaction(self, result: str, *, reply: Reply | None = None, size: int | None = None,
@@ -681,7 +680,7 @@ class SmtpSession:
             "tls": self.tls,
             "from": f"<{tx.sender}>",
             "to": ",".join(f"<{r}>" for r in tx.recipients) or None,
-            "refused": tx.refused or None,
+            "refused": ",".join(f"<{r}>" for r in tx.refused) or None,
             "upstream": tx.route.endpoint if tx.route else None,
             "upstream_tls": upstream.tls if upstream is not None and tx.route else None,
             "xclient": upstream.xclient if upstream is not None and tx.route else None,

@@ -213,7 +213,7 @@ class UpstreamConnection:
         commands = xclient_commands(client.attributes(offered))
         for line in commands:
             reply = self.command(line)
-            if reply.code != 220:
+            if reply.code // 100 != 2:  # Postfix greets anew (220); smtp-sink says 250
                 self.close()
                 raise UpstreamRefused(
                     Reply.of(451, "4.4.0 Upstream server refused XCLIENT, try again later"),
