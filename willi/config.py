@@ -7,6 +7,7 @@ limit silently falling back to its default is worse than a refusal.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 import socket
@@ -23,6 +24,7 @@ LOGLEVELS = ("debug", "info", "warning", "error")
 STARTTLS_POLICIES = ("always", "client", "never")
 BARE_NEWLINE_POLICIES = ("normalize", "reject")
 MAPPING_TYPES = ("static", "csv", "sql")
+KEY_KINDS = ("full", "base", "domain")
 
 
 class ConfigError(Exception):
@@ -50,6 +52,7 @@ class ListenAddress:
 @dataclass(frozen=True)
 class StaticMappingConfig:
     route: Route
+    keys: tuple[str, ...] = KEY_KINDS
     type: str = "static"
 
 
@@ -57,6 +60,7 @@ class StaticMappingConfig:
 class CsvMappingConfig:
     file: Path
     reload_interval: float = 5.0
+    keys: tuple[str, ...] = KEY_KINDS
     type: str = "csv"
 
 
@@ -78,6 +82,7 @@ class SqlMappingConfig:
     connect_timeout: float = 5.0
     read_timeout: float = 5.0
     pool_size: int = 8
+    keys: tuple[str, ...] = KEY_KINDS
     type: str = "sql"
 
 
@@ -341,6 +346,7 @@ def _parse_mapping(path: str, index: int, table: object, base: Path) -> MappingC
         raise r.fail("type", f"missing; one of {', '.join(MAPPING_TYPES)}")
     if kind not in MAPPING_TYPES:
         raise r.fail("type", f"must be one of {', '.join(repr(t) for t in MAPPING_TYPES)}, not {kind!r}")
+    keys = _parse_keys(r)
     result: MappingConfig
     if kind == "static":
         server = r.take("server", str, None)
@@ -360,7 +366,17 @@ def _parse_mapping(path: str, index: int, table: object, base: Path) -> MappingC
     else:
         result = _parse_sql(r, base)
     r.finish()
-    return result
+    return dataclasses.replace(result, keys=keys)
+
+
+def _parse_keys(r: _Reader) -> tuple[str, ...]:
+    """Which lookup keys a mapping is asked, in the fixed order full, base, domain."""
+    keys = r.take("keys", list, None)
+    if keys is None:
+        return KEY_KINDS
+    if not keys or any(k not in KEY_KINDS for k in keys) or len(set(keys)) != len(keys):
+        raise r.fail("keys", f"must be a non-empty list of distinct values from {list(KEY_KINDS)}, not {keys!r}")
+    return tuple(k for k in KEY_KINDS if k in keys)
 
 
 def _parse_sql(r: _Reader, base: Path) -> SqlMappingConfig:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable
 
-from willi.config import Config
+from willi.config import KEY_KINDS, Config
 from willi.mappings import build_mapping
 from willi.mappings.base import Mapping, MappingError
 from willi.route import Route
@@ -40,6 +40,25 @@ class Resolution:
     cached: bool = False
 
 
+def labeled_keys(address: str, delimiter: str, *, case_sensitive_local: bool = False) -> list[tuple[str, str]]:
+    """Like lookup_keys, with each key's kind: ("full" | "base" | "domain", key)."""
+    local, sep, domain = address.rpartition("@")
+    if not sep:
+        local, domain = address, ""
+    domain = domain.lower()
+    if not case_sensitive_local:
+        local = local.lower()
+    keys = [("full", f"{local}@{domain}" if domain else local)]
+    if delimiter and not (local.startswith('"') and local.endswith('"')):
+        cut = min((i for i in (local.find(d) for d in delimiter) if i > 0), default=-1)
+        if cut > 0:
+            keys.append(("base", f"{local[:cut]}@{domain}" if domain else local[:cut]))
+    if domain:
+        keys.append(("domain", domain))
+    seen: set[str] = set()
+    return [(kind, key) for kind, key in keys if not (key in seen or seen.add(key))]
+
+
 def lookup_keys(address: str, delimiter: str, *, case_sensitive_local: bool = False) -> list[str]:
     """Keys tried for `address`, in order: full, without subaddress, domain.
 
@@ -49,20 +68,7 @@ def lookup_keys(address: str, delimiter: str, *, case_sensitive_local: bool = Fa
     first of any of them. Domains are always lower-cased; local parts too
     unless `case_sensitive_local`. Duplicates are dropped.
     """
-    local, sep, domain = address.rpartition("@")
-    if not sep:
-        local, domain = address, ""
-    domain = domain.lower()
-    if not case_sensitive_local:
-        local = local.lower()
-    keys = [f"{local}@{domain}" if domain else local]
-    if delimiter and not (local.startswith('"') and local.endswith('"')):
-        cut = min((i for i in (local.find(d) for d in delimiter) if i > 0), default=-1)
-        if cut > 0:
-            keys.append(f"{local[:cut]}@{domain}" if domain else local[:cut])
-    if domain:
-        keys.append(domain)
-    return list(dict.fromkeys(keys))
+    return [key for _, key in labeled_keys(address, delimiter, case_sensitive_local=case_sensitive_local)]
 
 
 _MISS = object()
@@ -142,8 +148,10 @@ class Resolver:
     """Walks the mapping chain for each recipient; the first answer wins."""
 
     def __init__(self, mappings: Sequence[Mapping], *, delimiter: str = "+", case_sensitive_local: bool = False,
-                 cache: LookupCache | None = None) -> None:
+                 cache: LookupCache | None = None, key_kinds: Sequence[Sequence[str]] | None = None) -> None:
         self.mappings = list(mappings)
+        #: Per mapping, which kinds of key it is asked (config `keys`); all by default.
+        self.key_kinds = [frozenset(k) for k in key_kinds] if key_kinds else [frozenset(KEY_KINDS)] * len(mappings)
         self.delimiter, self.case_sensitive_local = delimiter, case_sensitive_local
         self.cache = cache or LookupCache(300.0, 60.0, 10000)
         for mapping in self.mappings:
@@ -158,13 +166,15 @@ class Resolver:
         Raises LookupFailed when a mapping errs: the chain stops there, so a
         later, broader mapping never answers for a key an earlier one owns.
         """
-        keys = self.keys(address)
+        keys = labeled_keys(address, self.delimiter, case_sensitive_local=self.case_sensitive_local)
         for index, mapping in enumerate(self.mappings):
             try:
                 mapping.refresh()
             except MappingError as exc:
-                raise LookupFailed(mapping.name, keys[0], exc) from exc
-            for key in keys:
+                raise LookupFailed(mapping.name, keys[0][1], exc) from exc
+            for kind, key in keys:
+                if kind not in self.key_kinds[index]:
+                    continue
                 try:
                     route, cached = self.cache.get((index, key), lambda m=mapping, k=key: m.lookup(k))
                 except MappingError as exc:
@@ -184,4 +194,5 @@ def build_resolver(config: Config) -> Resolver:
                 for i, m in enumerate(config.mappings)]
     cache = LookupCache(config.cache_positive_ttl, config.cache_negative_ttl, config.cache_max_entries)
     return Resolver(mappings, delimiter=config.recipient_delimiter,
-                    case_sensitive_local=config.local_part_case_sensitive, cache=cache)
+                    case_sensitive_local=config.local_part_case_sensitive, cache=cache,
+                    key_kinds=[m.keys for m in config.mappings])

@@ -128,6 +128,9 @@ class SqlMapping:
             f"query ok ({PROBE_KEY} -> {answer})"
         )
 
+    def refresh(self) -> None:
+        """SQL data has no change notification; the cache TTLs bound staleness."""
+
     def set_change_listener(self, listener: Callable[[], None]) -> None:
         """Kept for the protocol: a database sends no change notifications."""
         self._listener = listener
