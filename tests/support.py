@@ -13,6 +13,8 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
+import toml
+
 from willi.config import Config, parse_config
 from willi.server import WilliService
 
@@ -49,11 +51,12 @@ def willi_config(*, upstream_port: int | None = None, mappings: str | None = Non
     if mappings is None:
         assert upstream_port is not None, "give upstream_port or mappings"
         mappings = f'[[mappings]]\ntype = "static"\nserver = "127.0.0.1:{upstream_port}"\ntls_verify = false\n'
-    text = (
-        'listen = "127.0.0.1:0"\ndomain = "mx.willi.test"\nclient_name_lookup = false\n'
-        'upstream_command_timeout = "5s"\nupstream_connect_timeout = "3s"\nread_timeout = "10s"\n'
-        f"{extra}\n{mappings}"
-    )
+    settings: dict[str, object] = {
+        "listen": "127.0.0.1:0", "domain": "mx.willi.test", "client_name_lookup": False,
+        "upstream_command_timeout": "5s", "upstream_connect_timeout": "3s", "read_timeout": "10s",
+    }
+    settings.update(toml.loads(extra))  # a test's own settings override these defaults
+    text = f"{toml.dumps(settings)}\n{mappings}"
     return parse_config(text, "test.toml", base=directory)
 
 

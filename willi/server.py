@@ -177,7 +177,7 @@ class WilliService:
         if not self.servers:
             self.bind()
         for srv in self.servers:
-            t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.2},
+            t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
                                  name=f"listen-{srv.server_address[1]}", daemon=True)
             t.start()
             self.threads.append(t)
