@@ -159,7 +159,7 @@ def _closing_bracket(text: str) -> int:
 
 def validate_mailbox(address: str, *, utf8: bool) -> None:
     """Raise AddressError unless `address` is `local@domain` per RFC 5321/6531."""
-    if "\udc80" <= max(address, default="a") or any("\udc80" <= c <= "\udcff" for c in address):
+    if any("\udc80" <= c <= "\udcff" for c in address):
         raise AddressError("address is not valid UTF-8")
     if not utf8 and not address.isascii():
         raise AddressError("non-ASCII address needs the SMTPUTF8 parameter")
@@ -256,8 +256,9 @@ def xclient_commands(attributes: list[tuple[str, str]], limit: int = 512) -> lis
     """
     commands: list[str] = []
     current = "XCLIENT"
+    room = limit - len("XCLIENT ") - 2
     for name, value in attributes:
-        item = f"{name}={xtext_encode(value)}"
+        item = _fit(f"{name}={xtext_encode(value)}", room)
         if len(current) + 1 + len(item) + 2 > limit and current != "XCLIENT":
             commands.append(current)
             current = "XCLIENT"
@@ -265,6 +266,15 @@ def xclient_commands(attributes: list[tuple[str, str]], limit: int = 512) -> lis
     if current != "XCLIENT":
         commands.append(current)
     return commands
+
+
+def _fit(item: str, room: int) -> str:
+    """Truncate an encoded attribute to `room` octets without splitting a `+XX`."""
+    if len(item) <= room:
+        return item
+    cut = room
+    plus = item.rfind("+", cut - 2, cut)
+    return item[: plus if plus >= 0 else cut]
 
 
 def parse_ehlo(reply: Reply) -> dict[str, str]:
@@ -297,12 +307,13 @@ class DataFramer:
     than MAX_FRAGMENT is passed on in pieces.
     """
 
-    __slots__ = ("_at_line_start", "_pending", "_prev_crlf", "done", "size", "violation")
+    __slots__ = ("_at_line_start", "_emitted", "_pending", "_prev_crlf", "done", "size", "violation")
 
     def __init__(self) -> None:
         self._pending = b""
         self._at_line_start = True
         self._prev_crlf = True  # the DATA command's own CRLF precedes the first line
+        self._emitted = False  # some content of the current line already went out
         self.done = False
         self.violation = False
         self.size = 0  # message octets after unstuffing, with CRLF line ends
@@ -359,9 +370,10 @@ class DataFramer:
                 return True
             if content.startswith(b".") and len(content) > 1:
                 content = content[1:]
-        self._emit(content, out, line_start=self._at_line_start)
+        self._emit(content, out)
         out.append(CRLF)
         self.size += 2
+        self._emitted = False
         self._at_line_start = True
         self._prev_crlf = crlf
         return False
@@ -370,17 +382,26 @@ class DataFramer:
         """Pass on part of an overlong line; the line goes on afterwards."""
         if self._at_line_start and piece.startswith(b".") and len(piece) > 1:
             piece = piece[1:]
-        self._emit(piece, out, line_start=self._at_line_start)
+        self._emit(piece, out)
         self._at_line_start = False
         self._prev_crlf = False
 
-    def _emit(self, content: bytes, out: list[bytes], *, line_start: bool) -> None:
+    def _emit(self, content: bytes, out: list[bytes]) -> None:
+        """Clean `content` and stuff it if it is what the upstream will see first on its line.
+
+        Stuffing depends on what was *sent* for the line, not on the raw
+        input: a line whose first bytes were dropped (NUL, stray CR) and
+        that continues with '.' must still be stuffed.
+        """
         if b"\r" in content or b"\x00" in content:
             self.violation = True
             content = content.replace(b"\r", b"").replace(b"\x00", b"")
+        if not content:
+            return
         self.size += len(content)
-        if line_start and content.startswith(b"."):
+        if not self._emitted and content.startswith(b"."):
             out.append(b".")
+        self._emitted = True
         out.append(content)
 
 

@@ -93,6 +93,7 @@ class LookupCache:
         self._lock = threading.Lock()
         self._entries: OrderedDict[tuple[int, str], tuple[float, Route | None]] = OrderedDict()
         self._inflight: dict[tuple[int, str], _InFlight] = {}
+        self._generation = 0  # bumped by clear(): answers fetched before it are not stored
         self.hits = self.misses = self.backend_queries = 0
 
     def __len__(self) -> int:
@@ -101,6 +102,7 @@ class LookupCache:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._generation += 1
 
     def get(self, slot: tuple[int, str], fetch: Callable[[], Route | None]) -> tuple[Route | None, bool]:
         """Return (answer, cached?) for `slot`, calling `fetch` at most once at a time."""
@@ -116,6 +118,7 @@ class LookupCache:
                 del self._entries[slot]
             self.misses += 1
             flight = self._inflight.get(slot)
+            generation = self._generation
             leader = flight is None
             if leader:
                 flight = self._inflight[slot] = _InFlight()
@@ -128,13 +131,14 @@ class LookupCache:
         try:
             self.backend_queries += 1
             flight.result = fetch()
-        except MappingError as exc:
-            flight.error = exc
+        except BaseException as exc:
+            # Waiting threads must see a failure too, never a cached "no route".
+            flight.error = exc if isinstance(exc, MappingError) else MappingError(f"backend failed: {exc!r}")
             raise
         finally:
             with self._lock:
                 del self._inflight[slot]
-                if flight.error is None:
+                if flight.error is None and generation == self._generation:
                     ttl = self.positive_ttl if flight.result is not None else self.negative_ttl
                     self._entries[slot] = (self.clock() + ttl, flight.result)
                     self._entries.move_to_end(slot)

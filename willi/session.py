@@ -322,7 +322,17 @@ class SmtpSession:
         log.debug("sid=%s C: %s", self.sid, line.rstrip(b"\r\n")[:200].decode("utf-8", "replace"))
         handler = self.HANDLERS.get(verb)
         if handler is not None:
-            handler(self, arg)
+            try:
+                handler(self, arg)
+            except (ClientGone, ClientTimeout, Interrupted):
+                raise
+            except Exception:
+                if self.in_data:
+                    raise  # the rest of the message must never be read as commands: close
+                log.exception("sid=%s client=%s unexpected error in %s", self.sid, self.client, verb)
+                self._drop_upstream(polite=False)
+                self.end_transaction("failed", error=f"internal error in {verb}", error_src="proxy")
+                self.send_reply(Reply.of(451, "4.3.0 Internal error, try again later"))
         elif verb in REFUSED_VERBS:
             self.reply(502, "5.5.1 Command not implemented")
         else:
