@@ -258,7 +258,7 @@ def xclient_commands(attributes: list[tuple[str, str]], limit: int = 512) -> lis
     current = "XCLIENT"
     room = limit - len("XCLIENT ") - 2
     for name, value in attributes:
-        item = _fit(f"{name}={xtext_encode(value)}", room)
+        item = _fit(name, value, room)
         if len(current) + 1 + len(item) + 2 > limit and current != "XCLIENT":
             commands.append(current)
             current = "XCLIENT"
@@ -268,13 +268,17 @@ def xclient_commands(attributes: list[tuple[str, str]], limit: int = 512) -> lis
     return commands
 
 
-def _fit(item: str, room: int) -> str:
-    """Truncate an encoded attribute to `room` octets without splitting a `+XX`."""
-    if len(item) <= room:
-        return item
-    cut = room
-    plus = item.rfind("+", cut - 2, cut)
-    return item[: plus if plus >= 0 else cut]
+def _fit(name: str, value: str, room: int) -> str:
+    """`NAME=xtext`, the value shortened by whole characters until it fits in `room`.
+
+    Cutting characters before encoding keeps the value valid UTF-8 and never
+    splits a `+XX` escape.
+    """
+    item = f"{name}={xtext_encode(value)}"
+    while len(item) > room and value:
+        value = value[: -max(1, (len(item) - room) // 9)]  # at most 9 octets (+XX*3) per character
+        item = f"{name}={xtext_encode(value)}"
+    return item
 
 
 def parse_ehlo(reply: Reply) -> dict[str, str]:
