@@ -215,6 +215,9 @@ def test_xclient_ipv4(willi, fake_upstream, tmp_path) -> None:
     # XCLIENT after the first EHLO, then EHLO again (after its 220), then MAIL.
     i = cmds.index("XCLIENT")
     assert cmds[i - 1] == "EHLO" and cmds[i + 1] == "EHLO" and cmds[i + 2] == "MAIL", cmds
+    # Postfix records the name of the EHLO after XCLIENT, so it must be the client's.
+    assert session.commands[i - 1] == "EHLO mx.willi.test"
+    assert session.commands[i + 1] == "EHLO client.example"
 
 
 def test_xclient_ipv6(willi, fake_upstream, tmp_path) -> None:
@@ -258,6 +261,10 @@ def test_xclient_helo_cannot_inject_attributes(willi, fake_upstream, tmp_path) -
     assert attrs["HELO"] == helo
     assert attrs["ADDR"] == "127.0.0.1"
     assert line.count("=") == len(ALL_ATTRIBUTES.split())
+    # The EHLO after XCLIENT carries the client's name as one neutered token.
+    commands = upstream.sessions[0].commands
+    after = commands[commands.index(line) + 1]
+    assert after == "EHLO a?b=c+d???ADDR=6.6.6.6", after
 
 
 def test_no_xclient_when_not_offered(willi, fake_upstream, tmp_path) -> None:

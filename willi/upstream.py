@@ -62,6 +62,16 @@ class ClientIdentity:
     dest_addr: str = ""
     dest_port: int = 0
 
+    @property
+    def ehlo_name(self) -> str:
+        """The name for the EHLO after XCLIENT: Postfix records *that* name, not HELO=.
+
+        It must be one token of printable ASCII; anything else becomes '?',
+        as Postfix itself neuters XCLIENT values.
+        """
+        name = "".join(c if "!" <= c <= "~" else "?" for c in self.helo)
+        return name or "[UNAVAILABLE]"
+
     def attributes(self, offered: set[str]) -> list[tuple[str, str]]:
         """The XCLIENT attributes the upstream listed, in a fixed order."""
         addr = f"IPV6:{self.addr}" if ":" in self.addr else self.addr
@@ -175,15 +185,16 @@ class UpstreamConnection:
         if self.client is not None and "XCLIENT" in self.extensions:
             self._xclient(self.client)
 
-    def _hello(self) -> None:
-        reply = self.command(f"EHLO {self.local_name}")
+    def _hello(self, name: str | None = None) -> None:
+        name = name or self.local_name
+        reply = self.command(f"EHLO {name}")
         if reply.code == 250:
             self.extensions = parse_ehlo(reply)
             return
         if reply.code == 421:
             self.close()
             raise UpstreamRefused(reply, f"{self.route.endpoint} refused EHLO: {reply}")
-        reply = self.command(f"HELO {self.local_name}")
+        reply = self.command(f"HELO {name}")
         if reply.code != 250:
             self.close()
             raise UpstreamRefused(reply, f"{self.route.endpoint} refused HELO: {reply}")
@@ -221,7 +232,7 @@ class UpstreamConnection:
                 )
         if commands:
             self.xclient = True
-            self._hello()
+            self._hello(client.ehlo_name)
 
     # ---------------------------------------------------------- transaction
 
