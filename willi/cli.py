@@ -1,20 +1,21 @@
-"""Command line: `willi -c FILE [-f | --check | --lookup ADDRESS | -V]`."""
+"""Command line: `willi -c FILE [-f | --check | --lookup ADDRESS | -V]`.
+
+Without -f, --check or --lookup Willi starts as a daemon (willi/daemon.py).
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
-import threading
 from collections.abc import Sequence
 
 from willi import __version__
 from willi.config import Config, ConfigError, load_config
+from willi.daemon import reload_service, run_daemon, run_foreground
 from willi.mappings import build_mapping
 from willi.mappings.base import MappingError
 from willi.resolver import LookupFailed, build_resolver
-from willi.server import Runtime, WilliService
 from willi.tls import TlsSetupError, server_context, upstream_contexts
 
 DEFAULT_CONFIG = "/opt/willi/etc/willi.toml"
@@ -27,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE",
                         help=f"configuration file (default {DEFAULT_CONFIG})")
     parser.add_argument("-f", "--foreground", action="store_true",
-                        help="stay in the foreground and log to stderr (for debugging)")
+                        help="stay in the foreground, log to stderr, no pidfile (for debugging); "
+                             "the default is to detach as a daemon")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--check", action="store_true",
                       help="validate the configuration, load every mapping, then exit")
@@ -85,55 +87,6 @@ def lookup(config: Config, address: str) -> int:
         resolver.close()
 
 
-def run_foreground(config: Config) -> int:
-    """Serve until SIGTERM/SIGINT; SIGHUP reloads the configuration."""
-    from willi.log import setup_logging
-
-    setup_logging(config.loglevel)
-    try:
-        service = WilliService(config)
-        service.bind()
-    except (OSError, MappingError, TlsSetupError) as exc:
-        return fail(str(exc))
-    stop = threading.Event()
-
-    def on_stop(signum: int, frame: object) -> None:
-        stop.set()
-
-    def on_reload(signum: int, frame: object) -> None:
-        reload_service(service, config.path)
-
-    signal.signal(signal.SIGTERM, on_stop)
-    signal.signal(signal.SIGINT, on_stop)
-    signal.signal(signal.SIGHUP, on_reload)
-    service.start()
-    log.info("willi %s started in the foreground, pid %d", __version__, __import__("os").getpid())
-    while not stop.wait(1.0):
-        pass
-    log.info("stopping: no new connections, waiting up to %ss for sessions", config.shutdown_timeout)
-    service.stop(config.shutdown_timeout)
-    log.info("stopped")
-    return 0
-
-
-def reload_service(service: WilliService, path: str) -> bool:
-    """Load the file again; on any error keep the running configuration."""
-    try:
-        config = load_config(path)
-        runtime = Runtime.build(config)
-    except (ConfigError, OSError, MappingError, TlsSetupError) as exc:
-        log.error("reload failed, keeping the running configuration: %s", exc)
-        return False
-    old = service.config
-    for key in ("listen", "user", "group", "pidfile"):
-        if getattr(old, key) != getattr(config, key):
-            log.warning("reload: %s changed; this takes effect only after a restart", key)
-    service.reload(runtime)
-    logging.getLogger("willi").setLevel(config.loglevel.upper())
-    log.info("configuration reloaded from %s", path)
-    return True
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -149,7 +102,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(str(exc))
     if args.foreground:
         return run_foreground(config)
-    return fail("daemon mode is not available yet; run with -f", 2)
+    return run_daemon(config)
+
+
+__all__ = ["build_parser", "check", "lookup", "main", "reload_service", "run_daemon", "run_foreground"]
 
 
 if __name__ == "__main__":
