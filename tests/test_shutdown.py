@@ -70,3 +70,26 @@ def test_new_connections_refused_after_stop(willi, fake_upstream) -> None:
     with socket.socket() as s:
         s.settimeout(2)
         assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_reload_closes_the_old_runtime_after_its_last_session(willi, fake_upstream, monkeypatch) -> None:
+    from willi.server import Runtime
+
+    upstream = fake_upstream()
+    w = willi(upstream_port=upstream.port)
+    closed: list[Runtime] = []
+    monkeypatch.setattr(Runtime, "close", lambda self: closed.append(self))
+    old = w.service.runtime
+    client = w.raw()
+    client.ehlo()  # this session holds the old runtime
+    w.service.reload(Runtime.build(w.config))
+    assert closed == [], "a runtime in use by a session must stay open"
+    client.cmd("QUIT")
+    client.close()
+    deadline = time.monotonic() + 5
+    while not closed and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert closed == [old]
+    new = w.service.runtime
+    w.service.reload(Runtime.build(w.config))
+    assert closed == [old, new], "an unused runtime closes at once"

@@ -1,4 +1,4 @@
-"""Command line: `willi -c FILE [-f | --check | --lookup ADDRESS | -V]`.
+"""Command line: `willi -c FILE [-f | --check | --lookup ADDRESS... | -V]`.
 
 Without -f, --check or --lookup Willi starts as a daemon (willi/daemon.py).
 """
@@ -33,8 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--check", action="store_true",
                       help="validate the configuration, load every mapping, then exit")
-    mode.add_argument("--lookup", metavar="ADDRESS",
-                      help="show which mapping and key route ADDRESS, like postmap -q")
+    mode.add_argument("--lookup", metavar="ADDRESS", nargs="+",
+                      help="show which mapping and key route each ADDRESS (and whether the cache answered), "
+                           "like postmap -q")
     parser.add_argument("-V", "--version", action="version", version=f"willi {__version__}")
     return parser
 
@@ -66,23 +67,32 @@ def check(config: Config) -> int:
     return 1 if failures else 0
 
 
-def lookup(config: Config, address: str) -> int:
-    """Exit 0 and print the route when found, 1 when unmapped, 2 when a mapping failed."""
+def lookup(config: Config, addresses: Sequence[str]) -> int:
+    """Print how each address routes, like `postmap -q`.
+
+    Exit 0 when all are routed, 1 when one is unmapped, 2 when a mapping
+    failed. One resolver serves all addresses, so later ones show when the
+    cache answered (e.g. a second address of the same domain).
+    """
     resolver = build_resolver(config)
+    status = 0
     try:
-        print(f"keys tried in order: {', '.join(resolver.keys(address))}")
-        try:
-            resolution = resolver.resolve(address)
-        except LookupFailed as exc:
-            print(f"willi: {exc}", file=sys.stderr)
-            return 2
-        if resolution.route is None:
-            print(f"{address}: no mapping matched (the client would get 554 5.7.1 Relay access denied)")
-            return 1
-        route = resolution.route
-        print(f"{address}: mapping={resolution.mapping} key={resolution.key} server={route.endpoint} "
-              f"tls_verify={str(route.tls_verify).lower()} cached={'yes' if resolution.cached else 'no'}")
-        return 0
+        for address in addresses:
+            print(f"{address}: keys tried in order: {', '.join(resolver.keys(address))}")
+            try:
+                resolution = resolver.resolve(address)
+            except LookupFailed as exc:
+                print(f"willi: {exc}", file=sys.stderr)
+                status = 2
+                continue
+            if resolution.route is None:
+                print(f"{address}: no mapping matched (the client would get 554 5.7.1 Relay access denied)")
+                status = max(status, 1)
+                continue
+            route = resolution.route
+            print(f"{address}: mapping={resolution.mapping} key={resolution.key} server={route.endpoint} "
+                  f"tls_verify={str(route.tls_verify).lower()} cached={'yes' if resolution.cached else 'no'}")
+        return status
     finally:
         resolver.close()
 

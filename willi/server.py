@@ -95,12 +95,14 @@ class SessionHandler(socketserver.BaseRequestHandler):
 
     def handle(self) -> None:
         service = self.server.service
-        session = SmtpSession(self.request, self.client_address, service.runtime, service.draining)
+        runtime = service.acquire_runtime()
+        session = SmtpSession(self.request, self.client_address, runtime, service.draining)
         service.sessions_add(session)
         try:
             session.run()
         finally:
             service.sessions_remove(session)
+            service.release_runtime(runtime)
             service.limiter.release(_client_ip(self.client_address))
 
 
@@ -153,6 +155,7 @@ class WilliService:
         self.threads: list[threading.Thread] = []
         self._sessions: set[SmtpSession] = set()
         self._sessions_lock = threading.Lock()
+        self._runtime_users: Counter[int] = Counter()  # id(runtime) -> sessions still using it
         self.draining = threading.Event()
 
     @property
@@ -197,10 +200,33 @@ class WilliService:
         with self._sessions_lock:
             return list(self._sessions)
 
+    def acquire_runtime(self) -> Runtime:
+        """The current runtime, counted as used by one more session."""
+        with self._sessions_lock:
+            runtime = self.runtime
+            self._runtime_users[id(runtime)] += 1
+            return runtime
+
+    def release_runtime(self, runtime: Runtime) -> None:
+        """A session is done with `runtime`; a retired one closes with its last user."""
+        with self._sessions_lock:
+            self._runtime_users[id(runtime)] -= 1
+            retired = runtime is not self.runtime and self._runtime_users[id(runtime)] <= 0
+            if retired:
+                del self._runtime_users[id(runtime)]
+        if retired:
+            runtime.close()
+
     def reload(self, runtime: Runtime) -> None:
-        """Swap in a new runtime; running sessions finish with the old one."""
-        old, self.runtime = self.runtime, runtime
-        old.resolver.cache.clear()
+        """Swap in a new runtime; running sessions finish with the old one, which
+        is closed (database pools and all) when the last of them ends."""
+        with self._sessions_lock:
+            old, self.runtime = self.runtime, runtime
+            unused = self._runtime_users.get(id(old), 0) <= 0
+            if unused:
+                self._runtime_users.pop(id(old), None)
+        if unused:
+            old.close()
 
     def stop_accepting(self) -> None:
         for srv in self.servers:

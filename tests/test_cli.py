@@ -1,0 +1,158 @@
+"""The command line: --check, --lookup, -V, and config errors, as an operator sees them."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import mysql.connector
+import pytest
+
+from willi import __version__
+from willi.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "willi.toml.example"
+MYSQL = dict(host=os.environ.get("WILLI_TEST_MYSQL_HOST", "127.0.0.1"),
+             port=int(os.environ.get("WILLI_TEST_MYSQL_PORT", "3306")),
+             user=os.environ.get("WILLI_TEST_MYSQL_USER", "root"),
+             password=os.environ.get("WILLI_TEST_MYSQL_PASSWORD", ""))
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    status = main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_version() -> None:
+    result = subprocess.run([sys.executable, str(ROOT / "willi.py"), "-V"], capture_output=True, text=True,
+                            cwd=ROOT, timeout=30)
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"willi {__version__}"
+
+
+def test_check_example_configuration(capsys) -> None:
+    status, out, err = run(capsys, "-c", str(EXAMPLE), "--check")
+    assert status == 0, err
+    assert "routes.csv.example: 3 entries" in out
+    assert "listen: 127.0.0.1:2525" in out
+
+
+def test_check_reports_a_broken_csv_with_its_line(capsys, tmp_path) -> None:
+    csv = tmp_path / "routes.csv"
+    csv.write_text("pattern;server;tls_verify\nexample.com;mail.example.com:99999;true\n")
+    config = tmp_path / "willi.toml"
+    config.write_text(f'[[mappings]]\ntype = "csv"\nfile = "{csv}"\n')
+    status, _, err = run(capsys, "-c", str(config), "--check")
+    assert status == 1
+    assert f"{csv}:2" in err and "bad port" in err
+
+
+def test_config_error_names_file_and_key(capsys, tmp_path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text('max_recipients = "lots"\n[[mappings]]\ntype = "static"\nserver = "x"\n')
+    status, _, err = run(capsys, "-c", str(config), "--check")
+    assert status == 1
+    assert err.strip() == f"willi: config error in {config}: key 'max_recipients': expected a number, got str 'lots'"
+
+
+def test_missing_config_file(capsys, tmp_path) -> None:
+    status, _, err = run(capsys, "-c", str(tmp_path / "nope.toml"), "--check")
+    assert status == 1 and "nope.toml" in err and "cannot read file" in err
+
+
+def test_lookup_shows_keys_mapping_and_cache(capsys) -> None:
+    status, out, _ = run(capsys, "-c", str(EXAMPLE), "--lookup", "Bob+news@Example.COM", "carol@example.com")
+    assert status == 0
+    lines = out.splitlines()
+    assert lines[0] == "Bob+news@Example.COM: keys tried in order: bob+news@example.com, bob@example.com, example.com"
+    assert "key=example.com server=127.0.0.1:2526 tls_verify=false cached=no" in lines[1]
+    assert "key=example.com" in lines[3] and lines[3].endswith("cached=yes")
+
+
+def test_lookup_unmapped_exits_1(capsys) -> None:
+    status, out, _ = run(capsys, "-c", str(EXAMPLE), "--lookup", "x@nowhere.test")
+    assert status == 1 and "554 5.7.1" in out
+
+
+def test_lookup_failure_exits_2(capsys, tmp_path) -> None:
+    config = tmp_path / "willi.toml"
+    config.write_text(f'[[mappings]]\ntype = "csv"\nfile = "{tmp_path / "missing.csv"}"\n'
+                      '[[mappings]]\ntype = "static"\nserver = "fallback.example"\n')
+    status, out, err = run(capsys, "-c", str(config), "--lookup", "a@example.com")
+    assert status == 2 and "missing.csv" in err and "fallback" not in out
+
+
+@pytest.fixture
+def database() -> Iterator[tuple[str, str, str]]:
+    """A database with a routes table and a SELECT-only user with a password: (db, user, password)."""
+    try:
+        admin = mysql.connector.connect(**MYSQL, autocommit=True, connection_timeout=3, use_pure=True)
+    except mysql.connector.Error as err:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set, so the database is required: {err}")
+        pytest.skip(f"no MySQL/MariaDB server: {err}")
+    token = secrets.token_hex(4)
+    name, user, password = f"willi_cli_{token}", f"willi_cli_{token}", f"Secret-{secrets.token_hex(8)}"
+    cur = admin.cursor()
+    cur.execute(f"CREATE DATABASE `{name}`")
+    cur.execute(f"CREATE TABLE `{name}`.routes (pattern VARCHAR(255) PRIMARY KEY, server VARCHAR(255))")
+    cur.execute(f"CREATE TABLE `{name}`.wrong (pattern VARCHAR(255) PRIMARY KEY, host VARCHAR(255))")
+    cur.execute(f"INSERT INTO `{name}`.routes VALUES ('example.com', 'mx.example.com:2525')")
+    cur.execute(f"CREATE USER '{user}'@'%' IDENTIFIED BY '{password}'")
+    cur.execute(f"GRANT SELECT ON `{name}`.* TO '{user}'@'%'")
+    try:
+        yield name, user, password
+    finally:
+        cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+        cur.execute(f"DROP USER IF EXISTS '{user}'@'%'")
+        admin.close()
+
+
+def sql_config(tmp_path: Path, database: tuple[str, str, str], *, password: str | None = None,
+               query: str = "SELECT server FROM routes WHERE pattern = ?") -> Path:
+    name, user, real_password = database
+    config = tmp_path / "willi.toml"
+    config.write_text(f'[[mappings]]\ntype = "sql"\nhost = "{MYSQL["host"]}"\nport = {MYSQL["port"]}\n'
+                      f'user = "{user}"\npassword = "{password or real_password}"\ndatabase = "{name}"\n'
+                      f'query = "{query}"\nconnect_timeout = "2s"\nread_timeout = "2s"\n')
+    return config
+
+
+@pytest.mark.mysql
+def test_check_sql_ok_and_lookup_shows_cache(capsys, tmp_path, database) -> None:
+    config = sql_config(tmp_path, database)
+    status, out, err = run(capsys, "-c", str(config), "--check")
+    assert status == 0, err
+    assert "query ok" in out and database[2] not in out + err
+    status, out, _ = run(capsys, "-c", str(config), "--lookup", "a@example.com", "b@Example.com")
+    assert status == 0
+    assert "key=example.com server=mx.example.com:2525" in out
+    assert out.splitlines()[-1].endswith("cached=yes")
+
+
+@pytest.mark.mysql
+@pytest.mark.parametrize(("case", "fragment"), [
+    ("wrong password", "Access denied"),
+    ("unknown table", "doesn't exist"),
+    ("missing server column", "server"),
+])
+def test_check_sql_errors_are_clear_and_secret_free(capsys, tmp_path, database, case, fragment) -> None:
+    wrong_password = f"Wrong-{secrets.token_hex(6)}"
+    if case == "wrong password":
+        config = sql_config(tmp_path, database, password=wrong_password)
+    elif case == "unknown table":
+        config = sql_config(tmp_path, database, query="SELECT server FROM no_such_table WHERE pattern = ?")
+    else:
+        config = sql_config(tmp_path, database, query="SELECT host FROM wrong WHERE pattern = ?")
+    status, out, err = run(capsys, "-c", str(config), "--check")
+    assert status == 1
+    assert fragment in err, err
+    assert "mappings[0]" in err
+    for secret in (database[2], wrong_password):
+        assert secret not in out + err
