@@ -423,15 +423,10 @@ class SmtpSession:
         if self.tx is not None:
             self.reply(503, "5.5.1 Nested MAIL command")
             return
-        try:
-            sender, raw_params = parse_path(arg, "FROM", utf8=self.config.smtputf8)
-            params = parse_params(raw_params)
-        except AddressError as exc:
-            self.reply(553, f"5.1.7 Bad sender address: {exc}")
+        parsed = self._parse_path(arg, "FROM", utf8=self.config.smtputf8)
+        if parsed is None:
             return
-        except (ValueError, ParameterError) as exc:
-            self.reply(501, f"5.5.4 Syntax: MAIL FROM:<address> [parameters]: {exc}")
-            return
+        sender, params = parsed
         utf8 = "SMTPUTF8" in params and self.config.smtputf8
         if not utf8 and not sender.isascii():
             self.reply(553, "5.1.7 Bad sender address: non-ASCII address needs the SMTPUTF8 parameter")
@@ -445,6 +440,23 @@ class SmtpSession:
             return
         self.tx = Transaction(sender=sender, params=params, smtputf8=utf8)
         self.reply(250, "2.1.0 Ok")
+
+    def _parse_path(self, arg: str, keyword: str, *, utf8: bool) -> tuple[str, dict[str, str | None]] | None:
+        """Address and parameters of MAIL/RCPT, or None after telling the client what is wrong.
+
+        A bad address is 553 with 5.1.7 (sender) or 5.1.3 (recipient); any
+        other syntax error is 501 5.5.4.
+        """
+        sender = keyword == "FROM"
+        command, role, code = ("MAIL FROM", "sender", "5.1.7") if sender else ("RCPT TO", "recipient", "5.1.3")
+        try:
+            address, raw_params = parse_path(arg, keyword, utf8=utf8)
+            return address, parse_params(raw_params)
+        except AddressError as exc:
+            self.reply(553, f"{code} Bad {role} address: {exc}")
+        except (ValueError, ParameterError) as exc:
+            self.reply(501, f"5.5.4 Syntax: {command}:<address> [parameters]: {exc}")
+        return None
 
     def _check_mail_params(self, params: dict[str, str | None]) -> tuple[int, str] | None:
         for key, value in params.items():
@@ -469,15 +481,10 @@ class SmtpSession:
         if tx is None:
             self.reply(503, "5.5.1 Need MAIL before RCPT")
             return
-        try:
-            recipient, raw_params = parse_path(arg, "TO", utf8=tx.smtputf8)
-            params = parse_params(raw_params)
-        except AddressError as exc:
-            self.reply(553, f"5.1.3 Bad recipient address: {exc}")
+        parsed = self._parse_path(arg, "TO", utf8=tx.smtputf8)
+        if parsed is None:
             return
-        except (ValueError, ParameterError) as exc:
-            self.reply(501, f"5.5.4 Syntax: RCPT TO:<address>: {exc}")
-            return
+        recipient, params = parsed
         if params:
             self.reply(555, f"5.5.4 Unsupported parameter {next(iter(params))}")
             return
