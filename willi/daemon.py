@@ -411,10 +411,7 @@ def serve(service: WilliService, path: str, started: Config, signals: Signals) -
 
 def _replace_runtime(service: WilliService, config: Config) -> None:
     """Load mappings and TLS again as the user that will serve (and reload) them."""
-    runtime = build_runtime(config)
-    old = service.runtime
-    service.reload(runtime)
-    old.close()
+    service.reload(build_runtime(config))  # closes the old runtime once no session uses it
 
 
 def run_foreground(config: Config) -> int:
