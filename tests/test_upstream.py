@@ -507,3 +507,22 @@ def test_upstream_421_never_leaves_the_client_in_doubt(willi, fake_upstream, tmp
             assert client.cmd("RSET")[0] == 250
     finally:
         client.close()
+
+
+def test_upstream_421_after_an_accepted_recipient_defers_the_data(willi, fake_upstream) -> None:
+    """The upstream closing after one RCPT was accepted: DATA must get a 4xx, never 503 or 2xx."""
+    upstream = fake_upstream(rcpt_replies={"second@example.com": "421 4.3.0 fake.upstream going down"})
+    w = willi(upstream_port=upstream.port)
+    client = w.raw()
+    try:
+        client.ehlo()
+        assert client.cmd("MAIL FROM:<alice@sender.example>")[0] == 250
+        assert client.cmd("RCPT TO:<first@example.com>")[0] == 250
+        code, lines = client.cmd("RCPT TO:<second@example.com>")
+        assert (code, lines) == (451, ["4.3.0 fake.upstream going down"])
+        code, lines = client.cmd("DATA")
+        assert code == 451 and lines[0].startswith("4.4.2"), (code, lines)
+        assert client.cmd("NOOP")[0] == 250, "the client's own connection stays usable"
+    finally:
+        client.close()
+    assert not upstream.completed_transactions

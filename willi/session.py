@@ -534,8 +534,6 @@ class SmtpSession:
                 # the client must hear a 4xx at DATA and retry the whole message.
                 tx.broken = exc.reply
             return exc.reply
-        if reply.code == 421:
-            self._drop_upstream(polite=False)
         if reply.code // 100 == 2:
             tx.recipients.append(recipient)
             tx.route = route
@@ -559,11 +557,7 @@ class SmtpSession:
                     self._drop_upstream(polite=False)  # it closed while idle: connect afresh once
                     continue
                 raise
-            if reply.code == 250:
-                return None
-            if reply.code == 421:
-                self._drop_upstream(polite=False)
-            return reply
+            return None if reply.code == 250 else reply
         raise AssertionError("unreachable")
 
     def _connect(self, route: Route) -> UpstreamConnection:
@@ -614,11 +608,9 @@ class SmtpSession:
             return
         if reply.code != 354:
             self.relay(reply)
-            if reply.code == 421:
-                self._drop_upstream(polite=False)
             self.end_transaction("rejected", reply=reply, error="upstream refused DATA", error_src="upstream")
-            if self.upstream is not None:
-                self.upstream.rset()
+            if upstream.alive:
+                upstream.rset()
             return
         self.send_reply(reply)
         self.stream.flush()
@@ -669,8 +661,6 @@ class SmtpSession:
             self.end_transaction("failed", reply=exc.reply, size=framer.size, error=exc.reason, error_src="upstream")
             return
         self.relay(reply)
-        if reply.code == 421:
-            self._drop_upstream(polite=False)
         result = "accepted" if reply.code // 100 == 2 else "rejected"
         self.end_transaction(result, reply=reply, size=framer.size,
                              error=None if result == "accepted" else "upstream refused message",

@@ -158,6 +158,8 @@ class UpstreamConnection:
             raise
         reply = Reply(code, tuple(lines))
         log.debug("sid=%s upstream=%s S: %s", self.sid, self.route.endpoint, reply)
+        if code == 421:
+            self.close()  # RFC 5321 3.8: the server is closing the channel, whatever the command
         return reply
 
     def command(self, line: str, timeout: float | None = None) -> Reply:
