@@ -1,10 +1,20 @@
-"""Shared fixtures: throw-away PKIs and fake upstream servers."""
+"""Shared fixtures (throw-away PKIs, fake upstreams) and the CI skip policy.
+
+With `CI` set, every skip becomes a failure here, in one place, whatever
+raised it: `pytest.skip()` in a test or fixture, a `skip`/`skipif` mark,
+`pytest.importorskip`, at run time or at collection. So a test whose
+service is missing may skip on a laptop (with its reason) but can never
+vanish from a CI run. A skip at collection (e.g. a module-level
+`importorskip`) becomes a collection error, which stops the CI run.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
+from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import pytest
 from certs import TestPKI, make_pki
@@ -56,3 +66,54 @@ def willi(tmp_path: Path) -> Iterator[Callable[..., RunningWilli]]:
     yield factory
     for running in started:
         running.stop()
+
+
+# -- no skip in CI -----------------------------------------------------------------
+
+#: Skips CI still accepts: node-id glob -> why the skip cannot be avoided there.
+#: Keep it empty; every entry is a test CI does not run.
+CI_SKIP_ALLOWED: dict[str, str] = {}
+
+Report = Union[pytest.TestReport, pytest.CollectReport]
+
+
+def skip_reason(report: Report) -> str:
+    """The reason a skip report gives, without pytest's "Skipped: " prefix."""
+    longrepr = report.longrepr
+    text = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+    return text[len("Skipped: "):] if text.startswith("Skipped: ") else text
+
+
+def ci_forbids_skip(report: Report) -> bool:
+    """A real skip (not an xfail), with CI set, not on the allow-list."""
+    if not (report.skipped and os.environ.get("CI")) or hasattr(report, "wasxfail"):
+        return False
+    return not any(fnmatchcase(report.nodeid, pattern) for pattern in CI_SKIP_ALLOWED)
+
+
+def fail_instead_of_skip(node: pytest.Item | pytest.Collector, report: Report) -> None:
+    """Turn the skip report into a failure that still says why it would have skipped."""
+    try:
+        pytest.fail(f"skipped in CI: {skip_reason(report)}", pytrace=False)
+    except pytest.fail.Exception:
+        excinfo = pytest.ExceptionInfo.from_current()
+    report.outcome = "failed"
+    report.longrepr = node.repr_failure(excinfo)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Skips in setup (marks, fixtures) and in the test itself."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if ci_forbids_skip(report):
+        fail_instead_of_skip(item, report)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
+    """Skips while collecting: module-level `importorskip` or `pytest.skip(allow_module_level=True)`."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if ci_forbids_skip(report):
+        fail_instead_of_skip(collector, report)
