@@ -1,4 +1,4 @@
-"""Shared fixtures (throw-away PKIs, fake upstreams) and the CI skip policy.
+"""Shared fixtures (throw-away PKIs, fake upstreams, MariaDB) and the CI skip policy.
 
 With `CI` set, every skip becomes a failure here, in one place, whatever
 raised it: `pytest.skip()` in a test or fixture, a `skip`/`skipif` mark,
@@ -16,9 +16,11 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Union
 
+import mariadb_harness
 import pytest
 from certs import TestPKI, make_pki
 from fakeupstream import FakeUpstream
+from mariadb_harness import MariaDBUnavailable, ServerTLS, TestDatabase
 from support import RunningWilli, willi_config
 
 from willi.config import Config
@@ -66,6 +68,41 @@ def willi(tmp_path: Path) -> Iterator[Callable[..., RunningWilli]]:
     yield factory
     for running in started:
         running.stop()
+
+
+# -- MariaDB ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def system_mariadb() -> Iterator[TestDatabase]:
+    """A database and user of their own on the machine's MariaDB; both dropped at the end."""
+    try:
+        admin = mariadb_harness.system_admin()
+    except MariaDBUnavailable as err:
+        pytest.skip(str(err))
+    with mariadb_harness.test_database(admin, mariadb_harness.SYSTEM_HOST, mariadb_harness.SYSTEM_PORT) as db:
+        yield db
+
+
+@pytest.fixture(scope="session")
+def tls_mariadb(pki: TestPKI) -> Iterator[TestDatabase]:
+    """A private MariaDB offering TLS with `pki`'s certificate for 127.0.0.1 and localhost."""
+    yield from _private_database(ServerTLS(pki.cert_file, pki.key_file, pki.ca_file))
+
+
+@pytest.fixture(scope="session")
+def plain_mariadb() -> Iterator[TestDatabase]:
+    """A private MariaDB with TLS switched off (`--skip-ssl`)."""
+    yield from _private_database(None)
+
+
+def _private_database(tls: ServerTLS | None) -> Iterator[TestDatabase]:
+    try:
+        with mariadb_harness.private_mariadb(tls) as server, \
+                mariadb_harness.test_database(server.admin, "127.0.0.1", server.port) as db:
+            yield db
+    except MariaDBUnavailable as err:
+        pytest.skip(str(err))
 
 
 # -- no skip in CI -----------------------------------------------------------------

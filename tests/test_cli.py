@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import mysql.connector
 import pytest
+from mariadb_harness import TestDatabase
 
 from willi import __version__
 from willi.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "willi.toml.example"
-MYSQL = dict(host=os.environ.get("WILLI_TEST_MYSQL_HOST", "127.0.0.1"),
-             port=int(os.environ.get("WILLI_TEST_MYSQL_PORT", "3306")),
-             user=os.environ.get("WILLI_TEST_MYSQL_USER", "root"),
-             password=os.environ.get("WILLI_TEST_MYSQL_PASSWORD", ""))
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -89,37 +84,26 @@ def test_lookup_failure_exits_2(capsys, tmp_path) -> None:
 
 
 @pytest.fixture
-def database() -> Iterator[tuple[str, str, str]]:
-    """A database with a routes table and a SELECT-only user with a password: (db, user, password)."""
+def database(system_mariadb: TestDatabase) -> Iterator[TestDatabase]:
+    """The session's database (user with a password, never root) with a routes and a wrong table."""
+    system_mariadb.execute(
+        "DROP TABLE IF EXISTS cli_routes, cli_wrong",
+        "CREATE TABLE cli_routes (pattern VARCHAR(255) PRIMARY KEY, server VARCHAR(255))",
+        "CREATE TABLE cli_wrong (pattern VARCHAR(255) PRIMARY KEY, host VARCHAR(255))",
+        "INSERT INTO cli_routes VALUES ('example.com', 'mx.example.com:2525')",
+    )
     try:
-        admin = mysql.connector.connect(**MYSQL, autocommit=True, connection_timeout=3, use_pure=True)
-    except mysql.connector.Error as err:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set, so the database is required: {err}")
-        pytest.skip(f"no MySQL/MariaDB server: {err}")
-    token = secrets.token_hex(4)
-    name, user, password = f"willi_cli_{token}", f"willi_cli_{token}", f"Secret-{secrets.token_hex(8)}"
-    cur = admin.cursor()
-    cur.execute(f"CREATE DATABASE `{name}`")
-    cur.execute(f"CREATE TABLE `{name}`.routes (pattern VARCHAR(255) PRIMARY KEY, server VARCHAR(255))")
-    cur.execute(f"CREATE TABLE `{name}`.wrong (pattern VARCHAR(255) PRIMARY KEY, host VARCHAR(255))")
-    cur.execute(f"INSERT INTO `{name}`.routes VALUES ('example.com', 'mx.example.com:2525')")
-    cur.execute(f"CREATE USER '{user}'@'%' IDENTIFIED BY '{password}'")
-    cur.execute(f"GRANT SELECT ON `{name}`.* TO '{user}'@'%'")
-    try:
-        yield name, user, password
+        yield system_mariadb
     finally:
-        cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
-        cur.execute(f"DROP USER IF EXISTS '{user}'@'%'")
-        admin.close()
+        system_mariadb.execute("DROP TABLE IF EXISTS cli_routes, cli_wrong")
 
 
-def sql_config(tmp_path: Path, database: tuple[str, str, str], *, password: str | None = None,
-               query: str = "SELECT server FROM routes WHERE pattern = ?") -> Path:
-    name, user, real_password = database
+def sql_config(tmp_path: Path, database: TestDatabase, *, password: str | None = None,
+               query: str = "SELECT server FROM cli_routes WHERE pattern = ?") -> Path:
     config = tmp_path / "willi.toml"
-    config.write_text(f'[[mappings]]\ntype = "sql"\nhost = "{MYSQL["host"]}"\nport = {MYSQL["port"]}\n'
-                      f'user = "{user}"\npassword = "{password or real_password}"\ndatabase = "{name}"\n'
+    config.write_text(f'[[mappings]]\ntype = "sql"\nhost = "{database.host}"\nport = {database.port}\n'
+                      f'user = "{database.user}"\npassword = "{password or database.password}"\n'
+                      f'database = "{database.name}"\n'
                       f'query = "{query}"\nconnect_timeout = "2s"\nread_timeout = "2s"\n')
     return config
 
@@ -129,7 +113,7 @@ def test_check_sql_ok_and_lookup_shows_cache(capsys, tmp_path, database) -> None
     config = sql_config(tmp_path, database)
     status, out, err = run(capsys, "-c", str(config), "--check")
     assert status == 0, err
-    assert "query ok" in out and database[2] not in out + err
+    assert "query ok" in out and database.password not in out + err
     status, out, _ = run(capsys, "-c", str(config), "--lookup", "a@example.com", "b@Example.com")
     assert status == 0
     assert "key=example.com server=mx.example.com:2525" in out
@@ -149,10 +133,10 @@ def test_check_sql_errors_are_clear_and_secret_free(capsys, tmp_path, database, 
     elif case == "unknown table":
         config = sql_config(tmp_path, database, query="SELECT server FROM no_such_table WHERE pattern = ?")
     else:
-        config = sql_config(tmp_path, database, query="SELECT host FROM wrong WHERE pattern = ?")
+        config = sql_config(tmp_path, database, query="SELECT host FROM cli_wrong WHERE pattern = ?")
     status, out, err = run(capsys, "-c", str(config), "--check")
     assert status == 1
     assert fragment in err, err
     assert "mappings[0]" in err
-    for secret in (database[2], wrong_password):
+    for secret in (database.password, wrong_password):
         assert secret not in out + err

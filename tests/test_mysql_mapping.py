@@ -1,37 +1,42 @@
-"""The `sql` mapping against a real MariaDB/MySQL server.
+"""The `sql` mapping against real MariaDB servers.
 
-The tests create their own database and a dedicated user with a password,
-and drop both at the end. Without a reachable server they are skipped,
-unless `CI` is set: there a missing database must fail the run, not hide it.
-Override the server with WILLI_TEST_MYSQL_HOST / _PORT / _USER / _PASSWORD.
+Most tests use the machine's MariaDB through the session's own database
+and user (see mariadb_harness.py; never root). The TLS tests use two private
+servers the session starts: one offering TLS with the test CA's
+certificate, one with TLS off. Without a server the tests skip, unless
+`CI` is set: there conftest.py turns the skip into a failure.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
-import mysql.connector
 import pytest
-from mysql.connector.connection import MySQLConnection
+from certs import TestPKI
+from mariadb_harness import TestDatabase
+from tcpforward import TcpForwarder
 
 from willi.config import SqlMappingConfig
 from willi.mappings.base import MappingError
 from willi.mappings.mysql import PROBE_KEY, SqlMapping, convert_placeholder
 from willi.route import Route
 
-HOST = os.environ.get("WILLI_TEST_MYSQL_HOST", "127.0.0.1")
-PORT = int(os.environ.get("WILLI_TEST_MYSQL_PORT", "3306"))
-ADMIN_USER = os.environ.get("WILLI_TEST_MYSQL_USER", "root")
-ADMIN_PASSWORD = os.environ.get("WILLI_TEST_MYSQL_PASSWORD", "")
-
 QUERY = "SELECT server, tls_verify FROM routes WHERE pattern = ?"
+
+#: Answers, on the mapping's own connection, whether that connection is
+#: encrypted: `<cipher>.cipher.test`, or `plaintext.cipher.test`.
+CIPHER_QUERY = (
+    "SELECT CONCAT(IF(VARIABLE_VALUE = '', 'plaintext', REPLACE(LOWER(VARIABLE_VALUE), '_', '-')),"
+    " '.cipher.test') AS server FROM information_schema.SESSION_STATUS"
+    " WHERE VARIABLE_NAME = 'SSL_CIPHER' AND ? <> ''"
+)
+PLAINTEXT = "plaintext.cipher.test"
 
 ROWS = [
     ("alice@example.org", "mx1.example.net", "true"),
@@ -46,71 +51,54 @@ ROWS = [
 ] + [(f"user{i}@bulk.example", f"mx{i}.bulk.example:{2500 + i}", None) for i in range(50)]
 
 
-@dataclass(frozen=True)
-class Db:
-    """The throw-away database and the password-protected user that reads it."""
-
-    name: str
-    user: str
-    password: str
-
-
-def admin_connect(database: str | None = None) -> MySQLConnection:
-    """A root connection for setting up, inspecting and killing sessions."""
-    return MySQLConnection(
-        host=HOST,
-        port=PORT,
-        user=ADMIN_USER,
-        password=ADMIN_PASSWORD,
-        database=database,
-        autocommit=True,
-        use_pure=True,
-        connection_timeout=3,
-    )
-
-
-@pytest.fixture(scope="module")
-def db() -> Iterator[Db]:
+def create_routes(db: TestDatabase) -> None:
+    """The `routes` table with ROWS, made by the test user in its own database."""
+    conn = db.connect()
     try:
-        admin = admin_connect()
-    except mysql.connector.Error as err:
-        reason = f"no MySQL/MariaDB server at {HOST}:{PORT} as {ADMIN_USER}: {err}"
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set, so the database is required: {reason}")
-        pytest.skip(reason)
-    token = secrets.token_hex(4)
-    info = Db(name=f"willi_test_{token}", user=f"willi_{token}", password=f"Pw-{secrets.token_hex(8)}")
-    cur = admin.cursor()
-    try:
-        cur.execute(f"CREATE DATABASE `{info.name}` CHARACTER SET utf8mb4")
+        cur = conn.cursor()
+        cur.execute("DROP TABLE IF EXISTS routes")
         cur.execute(
-            f"CREATE TABLE `{info.name}`.routes ("
+            "CREATE TABLE routes ("
             " pattern VARCHAR(255) NOT NULL PRIMARY KEY,"
             " server VARCHAR(255),"
             " tls_verify VARCHAR(10) NULL)"
         )
-        cur.executemany(
-            f"INSERT INTO `{info.name}`.routes (pattern, server, tls_verify) VALUES (%s, %s, %s)",
-            ROWS,
-        )
-        cur.execute(f"CREATE USER '{info.user}'@'%' IDENTIFIED BY '{info.password}'")
-        cur.execute(f"GRANT SELECT ON `{info.name}`.* TO '{info.user}'@'%'")
-        yield info
+        cur.executemany("INSERT INTO routes (pattern, server, tls_verify) VALUES (%s, %s, %s)", ROWS)
     finally:
-        cur.execute(f"DROP DATABASE IF EXISTS `{info.name}`")
-        cur.execute(f"DROP USER IF EXISTS '{info.user}'@'%'")
-        admin.close()
+        conn.close()
 
 
-def config(db: Db, **changes: object) -> SqlMappingConfig:
-    """The dedicated user's settings, with short timeouts for the tests."""
+@pytest.fixture(scope="module")
+def db(system_mariadb: TestDatabase) -> Iterator[TestDatabase]:
+    """The machine's MariaDB, with the routes table for this module."""
+    create_routes(system_mariadb)
+    yield system_mariadb
+    system_mariadb.execute("DROP TABLE IF EXISTS routes")
+
+
+@pytest.fixture(scope="module")
+def tls_db(tls_mariadb: TestDatabase) -> TestDatabase:
+    """The private server that offers TLS (and, on purpose, accepts plaintext too)."""
+    create_routes(tls_mariadb)
+    return tls_mariadb
+
+
+@pytest.fixture(scope="module")
+def plain_db(plain_mariadb: TestDatabase) -> TestDatabase:
+    """The private server with TLS switched off."""
+    create_routes(plain_mariadb)
+    return plain_mariadb
+
+
+def config(db: TestDatabase, **changes: object) -> SqlMappingConfig:
+    """The test user's settings, with short timeouts for the tests."""
     base = SqlMappingConfig(
         query=QUERY,
         database=db.name,
         user=db.user,
         password=db.password,
-        host=HOST,
-        port=PORT,
+        host=db.host,
+        port=db.port,
         connect_timeout=3.0,
         read_timeout=3.0,
         pool_size=4,
@@ -119,47 +107,54 @@ def config(db: Db, **changes: object) -> SqlMappingConfig:
 
 
 @pytest.fixture
-def mapping(db: Db) -> Iterator[SqlMapping]:
+def mapping(db: TestDatabase) -> Iterator[SqlMapping]:
     m = SqlMapping(config(db), 0)
     yield m
     m.close()
 
 
-def sessions_of(user: str) -> list[int]:
-    """Server-side connection ids of `user`, to count or kill them."""
-    admin = admin_connect()
-    try:
-        cur = admin.cursor()
-        cur.execute("SELECT ID FROM information_schema.PROCESSLIST WHERE USER = %s", (user,))
-        return [int(row[0]) for row in cur.fetchall()]  # type: ignore[arg-type, index]
-    finally:
-        admin.close()
+class Sessions:
+    """One connection of the test user that counts and kills the user's other sessions.
 
+    A user sees and may kill its own sessions without extra rights; one
+    long-lived watcher connection keeps its own comings and goings out of
+    the counts.
+    """
 
-def sleeping_queries(user: str) -> int:
-    admin = admin_connect()
-    try:
-        cur = admin.cursor()
+    def __init__(self, db: TestDatabase) -> None:
+        self.user = db.user
+        self.conn = db.connect()
+
+    def ids(self, condition: str = "TRUE") -> list[int]:
+        cur = self.conn.cursor()
         cur.execute(
-            "SELECT COUNT(*) FROM information_schema.PROCESSLIST"
-            " WHERE USER = %s AND COMMAND = 'Query' AND INFO LIKE '%%SLEEP%%'",
-            (user,),
+            "SELECT ID FROM information_schema.PROCESSLIST"
+            f" WHERE ID <> CONNECTION_ID() AND USER = %s AND ({condition})",
+            (self.user,),
         )
-        row = cur.fetchone()
-        return int(row[0]) if row else 0  # type: ignore[arg-type]
-    finally:
-        admin.close()
+        ids = [int(row[0]) for row in cur.fetchall()]  # type: ignore[arg-type, index]
+        cur.close()
+        return ids
 
+    def sleeping_queries(self) -> int:
+        return len(self.ids("COMMAND = 'Query' AND INFO LIKE '%SLEEP%'"))
 
-def kill_sessions(user: str) -> int:
-    admin = admin_connect()
-    try:
-        ids = sessions_of(user)
+    def kill_all(self) -> int:
+        """Kill the other sessions, as a restarting server would."""
+        ids = self.ids()
         for cid in ids:
-            admin.cmd_query(f"KILL CONNECTION {cid}")
+            self.conn.cmd_query(f"KILL CONNECTION {cid}")
         return len(ids)
-    finally:
-        admin.close()
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+@pytest.fixture
+def sessions(db: TestDatabase) -> Iterator[Sessions]:
+    watcher = Sessions(db)
+    yield watcher
+    watcher.close()
 
 
 # -- placeholders ---------------------------------------------------------------
@@ -191,8 +186,8 @@ def test_convert_placeholder(query: str, expected: str) -> None:
 # -- lookups ----------------------------------------------------------------------
 
 
-def test_name_never_contains_password(db: Db, mapping: SqlMapping) -> None:
-    assert mapping.name == f"sql:{db.user}@{HOST}:{PORT}/{db.name}"
+def test_name_never_contains_password(db: TestDatabase, mapping: SqlMapping) -> None:
+    assert mapping.name == f"sql:{db.user}@{db.host}:{db.port}/{db.name}"
     assert db.password not in mapping.name
     assert db.password not in repr(mapping.config)
 
@@ -207,7 +202,7 @@ def test_lookup_hit_and_miss(mapping: SqlMapping) -> None:
     assert mapping.lookup("x' OR '1'='1") is None
 
 
-def test_percent_s_query(db: Db) -> None:
+def test_percent_s_query(db: TestDatabase) -> None:
     m = SqlMapping(config(db, query="SELECT server, tls_verify FROM routes WHERE pattern = %s"), 0)
     try:
         assert m.lookup("bob@example.org") == Route("mx2.example.net", 2525, False)
@@ -216,7 +211,7 @@ def test_percent_s_query(db: Db) -> None:
         m.close()
 
 
-def test_question_mark_inside_literal_is_not_a_placeholder(db: Db) -> None:
+def test_question_mark_inside_literal_is_not_a_placeholder(db: TestDatabase) -> None:
     query = "SELECT server, 'really?' AS note FROM routes WHERE pattern = ?"
     m = SqlMapping(config(db, query=query), 0)
     try:
@@ -253,7 +248,7 @@ def test_tls_verify_text_values(mapping: SqlMapping, key: str, expected: bool) -
         ("'no-column' AS other", True),  # tls_verify absent
     ],
 )
-def test_tls_verify_column_types(db: Db, column: str, expected: bool) -> None:
+def test_tls_verify_column_types(db: TestDatabase, column: str, expected: bool) -> None:
     m = SqlMapping(config(db, query=f"SELECT server, {column} FROM routes WHERE pattern = ?"), 0)
     try:
         route = m.lookup("alice@example.org")
@@ -274,7 +269,7 @@ def test_bad_server_value_is_a_mapping_error(mapping: SqlMapping) -> None:
     assert mapping.lookup("alice@example.org") is not None
 
 
-def test_bad_tls_verify_value_is_a_mapping_error(db: Db) -> None:
+def test_bad_tls_verify_value_is_a_mapping_error(db: TestDatabase) -> None:
     m = SqlMapping(config(db, query="SELECT server, 'maybe' AS tls_verify FROM routes WHERE pattern = ?"), 0)
     try:
         with pytest.raises(MappingError, match=r"alice@example\.org.*maybe"):
@@ -283,7 +278,7 @@ def test_bad_tls_verify_value_is_a_mapping_error(db: Db) -> None:
         m.close()
 
 
-def test_null_server_is_a_mapping_error(db: Db) -> None:
+def test_null_server_is_a_mapping_error(db: TestDatabase) -> None:
     m = SqlMapping(config(db, query="SELECT NULL AS server FROM routes WHERE pattern = ?"), 0)
     try:
         with pytest.raises(MappingError, match="NULL"):
@@ -292,19 +287,17 @@ def test_null_server_is_a_mapping_error(db: Db) -> None:
         m.close()
 
 
-def test_changes_are_seen_by_pooled_connections(db: Db, mapping: SqlMapping) -> None:
+def test_changes_are_seen_by_pooled_connections(db: TestDatabase, mapping: SqlMapping) -> None:
     """Autocommit: a pooled connection must not keep an old snapshot."""
     assert mapping.lookup("new@example.org") is None
-    admin = admin_connect(db.name)
     try:
-        admin.cmd_query("INSERT INTO routes VALUES ('new@example.org', 'fresh.example.net', NULL)")
+        db.execute("INSERT INTO routes VALUES ('new@example.org', 'fresh.example.net', NULL)")
         assert mapping.lookup("new@example.org") == Route("fresh.example.net")
     finally:
-        admin.cmd_query("DELETE FROM routes WHERE pattern = 'new@example.org'")
-        admin.close()
+        db.execute("DELETE FROM routes WHERE pattern = 'new@example.org'")
 
 
-def test_check_reports_success(db: Db, mapping: SqlMapping) -> None:
+def test_check_reports_success(db: TestDatabase, mapping: SqlMapping) -> None:
     summary = mapping.check()
     assert mapping.name in summary
     assert PROBE_KEY in summary
@@ -320,7 +313,7 @@ def test_set_change_listener_is_accepted(mapping: SqlMapping) -> None:
 # -- errors -------------------------------------------------------------------
 
 
-def test_wrong_password(db: Db) -> None:
+def test_wrong_password(db: TestDatabase) -> None:
     wrong = f"Wrong-{secrets.token_hex(6)}"
     m = SqlMapping(config(db, password=wrong), 0)
     try:
@@ -337,7 +330,7 @@ def test_wrong_password(db: Db) -> None:
         m.close()
 
 
-def test_password_file(db: Db, tmp_path: Path) -> None:
+def test_password_file(db: TestDatabase, tmp_path: Path) -> None:
     secret = tmp_path / "db.secret"
     secret.write_text(db.password + "\n", encoding="utf-8")
     m = SqlMapping(config(db, password="", password_file=secret), 0)
@@ -347,7 +340,7 @@ def test_password_file(db: Db, tmp_path: Path) -> None:
         m.close()
 
 
-def test_unreadable_password_file(db: Db, tmp_path: Path) -> None:
+def test_unreadable_password_file(db: TestDatabase, tmp_path: Path) -> None:
     missing = tmp_path / "no-such.secret"
     m = SqlMapping(config(db, password="", password_file=missing), 0)
     try:
@@ -358,7 +351,7 @@ def test_unreadable_password_file(db: Db, tmp_path: Path) -> None:
         m.close()
 
 
-def test_unknown_table(db: Db) -> None:
+def test_unknown_table(db: TestDatabase) -> None:
     m = SqlMapping(config(db, query="SELECT server FROM no_such_table WHERE pattern = ?"), 0)
     try:
         for call in (lambda: m.lookup("alice@example.org"), m.check):
@@ -373,7 +366,7 @@ def test_unknown_table(db: Db) -> None:
         m.close()
 
 
-def test_missing_server_column(db: Db) -> None:
+def test_missing_server_column(db: TestDatabase) -> None:
     m = SqlMapping(config(db, query="SELECT server AS host, tls_verify FROM routes WHERE pattern = ?"), 0)
     try:
         # Reported even when the key has no row, so `check` catches it.
@@ -386,7 +379,7 @@ def test_missing_server_column(db: Db) -> None:
         m.close()
 
 
-def test_unknown_database(db: Db) -> None:
+def test_unknown_database(db: TestDatabase) -> None:
     m = SqlMapping(config(db, database=f"{db.name}_missing"), 0)
     try:
         with pytest.raises(MappingError, match="cannot connect"):
@@ -407,7 +400,7 @@ def test_server_not_listening() -> None:
     assert time.monotonic() - started < 2.5
 
 
-def test_slow_query_times_out_and_connection_is_replaced(db: Db) -> None:
+def test_slow_query_times_out_and_connection_is_replaced(db: TestDatabase, sessions: Sessions) -> None:
     query = (
         "SELECT server, tls_verify, SLEEP(IF(pattern = 'slow@example.org', 5, 0)) AS slept"
         " FROM routes WHERE pattern = ?"
@@ -423,16 +416,16 @@ def test_slow_query_times_out_and_connection_is_replaced(db: Db) -> None:
         assert "slow@example.org" in str(exc.value)
         # The server gave up too (max_statement_time): no abandoned SLEEP lingers.
         deadline = time.monotonic() + 1.5
-        while sleeping_queries(db.user) and time.monotonic() < deadline:
+        while sessions.sleeping_queries() and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert sleeping_queries(db.user) == 0
+        assert sessions.sleeping_queries() == 0
         # The timed-out connection was discarded; the only slot works again.
         assert m.lookup("alice@example.org") == Route("mx1.example.net")
     finally:
         m.close()
 
 
-def test_waiting_for_a_connection_is_bounded(db: Db) -> None:
+def test_waiting_for_a_connection_is_bounded(db: TestDatabase) -> None:
     m = SqlMapping(config(db, connect_timeout=0.5, read_timeout=1.0, pool_size=1), 0)
     held = m._slots.acquire(timeout=1)  # a stuck lookup holding the only connection
     assert held
@@ -446,16 +439,16 @@ def test_waiting_for_a_connection_is_bounded(db: Db) -> None:
     assert 1.3 < time.monotonic() - started < 2.5
 
 
-def test_closed_mapping_refuses(db: Db) -> None:
+def test_closed_mapping_refuses(db: TestDatabase, sessions: Sessions) -> None:
     m = SqlMapping(config(db), 0)
-    before = set(sessions_of(db.user))  # earlier tests may leave sessions closing
+    before = set(sessions.ids())  # earlier tests may leave sessions closing
     assert m.lookup("alice@example.org") is not None
-    assert set(sessions_of(db.user)) - before
+    assert set(sessions.ids()) - before
     m.close()
     deadline = time.monotonic() + 2
-    while set(sessions_of(db.user)) - before and time.monotonic() < deadline:
+    while set(sessions.ids()) - before and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not set(sessions_of(db.user)) - before
+    assert not set(sessions.ids()) - before
     with pytest.raises(MappingError, match="closed"):
         m.lookup("alice@example.org")
 
@@ -463,7 +456,7 @@ def test_closed_mapping_refuses(db: Db) -> None:
 # -- concurrency and recovery ------------------------------------------------
 
 
-def test_many_threads_get_correct_answers(db: Db) -> None:
+def test_many_threads_get_correct_answers(db: TestDatabase, sessions: Sessions) -> None:
     m = SqlMapping(config(db, pool_size=8), 0)
     expected = {f"user{i}@bulk.example": Route(f"mx{i}.bulk.example", 2500 + i) for i in range(50)}
     keys = [f"user{i % 50}@bulk.example" if i % 4 else f"miss{i}@bulk.example" for i in range(200)]
@@ -471,7 +464,7 @@ def test_many_threads_get_correct_answers(db: Db) -> None:
     errors: list[BaseException] = []
     barrier = threading.Barrier(len(keys))
     peak = [0]
-    before = set(sessions_of(db.user))  # sessions of earlier tests still closing
+    before = set(sessions.ids())  # sessions of earlier tests still closing
 
     def worker(n: int) -> None:
         barrier.wait()
@@ -483,7 +476,7 @@ def test_many_threads_get_correct_answers(db: Db) -> None:
 
     def watch(stop: threading.Event) -> None:
         while not stop.is_set():
-            peak[0] = max(peak[0], len(set(sessions_of(db.user)) - before))
+            peak[0] = max(peak[0], len(set(sessions.ids()) - before))
             time.sleep(0.01)
 
     stop = threading.Event()
@@ -507,7 +500,7 @@ def test_many_threads_get_correct_answers(db: Db) -> None:
 
 
 def test_reconnects_after_the_server_killed_its_connections(
-    db: Db, caplog: pytest.LogCaptureFixture
+    db: TestDatabase, sessions: Sessions, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="willi.mappings.mysql")
     m = SqlMapping(config(db, pool_size=3), 0)
@@ -524,56 +517,117 @@ def test_reconnects_after_the_server_killed_its_connections(
             t.start()
         for t in fillers:
             t.join()
-        assert kill_sessions(db.user) >= 1
+        assert sessions.kill_all() >= 1
         time.sleep(0.2)
         # Every pooled connection is dead now; each lookup still succeeds.
         for _ in range(5):
             assert m.lookup("bob@example.org") == Route("mx2.example.net", 2525, False)
-        assert len(sessions_of(db.user)) >= 1
+        assert len(sessions.ids()) >= 1
         # The dead pooled connections were found and replaced, not just skipped.
         assert any("pooled connection lost" in r.getMessage() for r in caplog.records)
     finally:
         m.close()
 
 
-def test_server_unreachable_after_pool_was_used(db: Db) -> None:
+def test_server_unreachable_after_pool_was_used(db: TestDatabase) -> None:
     """A retry never loops: if reconnecting fails too, the lookup fails once."""
-    m = SqlMapping(config(db), 0)
+    forwarder = TcpForwarder((db.host, db.port)).start()
+    m = SqlMapping(config(db, port=forwarder.port), 0)
     try:
         assert m.lookup("alice@example.org") is not None
-        admin = admin_connect()
-        try:
-            admin.cmd_query(f"ALTER USER '{db.user}'@'%' ACCOUNT LOCK")
-            kill_sessions(db.user)
-            time.sleep(0.2)
-            with pytest.raises(MappingError, match="cannot connect"):
-                m.lookup("alice@example.org")
-        finally:
-            admin.cmd_query(f"ALTER USER '{db.user}'@'%' ACCOUNT UNLOCK")
-            admin.close()
+        forwarder.stop()  # cuts the pooled connection and refuses the reconnect
+        started = time.monotonic()
+        with pytest.raises(MappingError, match="cannot connect"):
+            m.lookup("alice@example.org")
+        assert time.monotonic() - started < 2.5
+        forwarder.start()
         assert m.lookup("alice@example.org") is not None
+    finally:
+        m.close()
+        forwarder.stop()
+
+
+# -- TLS, against private servers -----------------------------------------------
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_verified_tls_works_and_really_encrypts(tls_db: TestDatabase, pki: TestPKI, host: str) -> None:
+    settings = {"host": host, "tls": True, "tls_ca": pki.ca_file, "tls_verify": True}
+    m = SqlMapping(config(tls_db, **settings), 0)
+    cipher = SqlMapping(config(tls_db, query=CIPHER_QUERY, **settings), 0)
+    try:
+        assert m.lookup("alice@example.org") == Route("mx1.example.net", 25, True)
+        assert m.lookup("nobody@example.org") is None
+        assert PROBE_KEY in m.check()
+        route = cipher.lookup("alice@example.org")
+        assert route is not None
+        assert route.endpoint.endswith(".cipher.test:25")
+        assert route.endpoint != f"{PLAINTEXT}:25", "the mapping's connection is not encrypted"
+    finally:
+        m.close()
+        cipher.close()
+
+
+@pytest.mark.parametrize("tls_verify", [True, False])
+def test_without_tls_the_same_servers_talk_plaintext(
+    tls_db: TestDatabase, plain_db: TestDatabase, tls_verify: bool
+) -> None:
+    """Both private servers accept plaintext logins.
+
+    So a silent fallback to plaintext would succeed there, and the refusals
+    below prove there is none; and CIPHER_QUERY can tell plaintext apart.
+    """
+    for db in (tls_db, plain_db):
+        m = SqlMapping(config(db, query=CIPHER_QUERY, tls=False, tls_verify=tls_verify), 0)
+        try:
+            assert m.lookup("alice@example.org") == Route(PLAINTEXT, 25, True)
+        finally:
+            m.close()
+
+
+def test_unverified_tls_still_encrypts(tls_db: TestDatabase, other_pki: TestPKI) -> None:
+    """tls_verify = false drops the certificate check, never the encryption."""
+    m = SqlMapping(config(tls_db, query=CIPHER_QUERY, tls=True, tls_ca=other_pki.ca_file, tls_verify=False), 0)
+    try:
+        route = m.lookup("alice@example.org")
+        assert route is not None
+        assert route.endpoint != f"{PLAINTEXT}:25"
     finally:
         m.close()
 
 
-def test_tls_required_but_server_has_none(db: Db) -> None:
-    """Asking for TLS never silently falls back to plaintext."""
-    admin = admin_connect()
+@pytest.mark.parametrize("trust", ["other CA", "system CAs"])
+def test_untrusted_certificate_is_refused(tls_db: TestDatabase, other_pki: TestPKI, trust: str) -> None:
+    """A certificate the configured CAs do not vouch for: no lookup at all, never a plaintext retry."""
+    tls_ca = other_pki.ca_file if trust == "other CA" else None
+    m = SqlMapping(config(tls_db, tls=True, tls_ca=tls_ca, tls_verify=True), 0)
     try:
-        cur = admin.cursor()
-        cur.execute("SHOW VARIABLES LIKE 'have_ssl'")
-        row = cur.fetchone()
+        for call in (lambda: m.lookup("alice@example.org"), m.check):
+            with pytest.raises(MappingError, match=r"cannot connect: .*certificate verify failed") as exc:
+                call()
+            assert tls_db.password not in str(exc.value)
     finally:
-        admin.close()
-    if row is not None and str(row[1]).upper() == "YES":
-        pytest.skip("this server offers TLS; the refusal cannot be shown here")
-    for verify, reason in ((True, "SSL is required"), (False, "does not offer TLS")):
-        m = SqlMapping(config(db, tls=True, tls_verify=verify), 0)
-        try:
+        m.close()
+
+
+@pytest.mark.parametrize(
+    ("tls_verify", "reason"),
+    [
+        (True, "SSL is required"),  # the connector refuses before logging in
+        (False, "server does not offer TLS"),  # Willi refuses the connector's plaintext fallback
+    ],
+)
+def test_tls_required_but_server_has_none(
+    plain_db: TestDatabase, pki: TestPKI, tls_verify: bool, reason: str
+) -> None:
+    """Asking for TLS never silently falls back to plaintext."""
+    m = SqlMapping(config(plain_db, tls=True, tls_ca=pki.ca_file, tls_verify=tls_verify), 0)
+    try:
+        for call in (lambda: m.lookup("alice@example.org"), m.check):
             with pytest.raises(MappingError, match=f"cannot connect: .*{reason}"):
-                m.lookup("alice@example.org")
-        finally:
-            m.close()
+                call()
+    finally:
+        m.close()
 
 
 @pytest.mark.parametrize(

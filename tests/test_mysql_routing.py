@@ -1,72 +1,63 @@
 """The `sql` mapping through the whole proxy, against a real MariaDB/MySQL.
 
-The database is made to vanish with a TCP forwarder in front of it, so the
-shared server itself is never stopped.
+The session's own database and user on the machine's MariaDB (see
+mariadb_harness.py) hold the routes. The database is made to vanish with a
+TCP forwarder in front of it, so the shared server itself is never stopped.
 """
 
 from __future__ import annotations
 
-import os
-import secrets
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
-import mysql.connector
 import pytest
+from mariadb_harness import TestDatabase
 from tcpforward import TcpForwarder
 
 from willi.config import parse_config
 from willi.mappings.mysql import SqlMapping
 from willi.resolver import build_resolver
 
-HOST = os.environ.get("WILLI_TEST_MYSQL_HOST", "127.0.0.1")
-PORT = int(os.environ.get("WILLI_TEST_MYSQL_PORT", "3306"))
-ADMIN_USER = os.environ.get("WILLI_TEST_MYSQL_USER", "root")
-ADMIN_PASSWORD = os.environ.get("WILLI_TEST_MYSQL_PASSWORD", "")
-
 pytestmark = pytest.mark.mysql
 
+TABLE = "e2e_routes"
 
-@dataclass
+
 class Db:
-    name: str
-    admin: mysql.connector.MySQLConnection
+    """The test database with a fresh routes table, filled by the test user."""
+
+    def __init__(self, database: TestDatabase) -> None:
+        self.database = database
+        self.conn = database.connect()
 
     def set_route(self, pattern: str, server: str, tls_verify: str | None = "false") -> None:
-        cur = self.admin.cursor()
-        cur.execute(f"REPLACE INTO `{self.name}`.routes (pattern, server, tls_verify) VALUES (%s, %s, %s)",
+        cur = self.conn.cursor()
+        cur.execute(f"REPLACE INTO {TABLE} (pattern, server, tls_verify) VALUES (%s, %s, %s)",
                     (pattern, server, tls_verify))
         cur.close()
 
 
 @pytest.fixture
-def db() -> Iterator[Db]:
+def db(system_mariadb: TestDatabase) -> Iterator[Db]:
+    system_mariadb.execute(
+        f"DROP TABLE IF EXISTS {TABLE}",
+        f"CREATE TABLE {TABLE} (pattern VARCHAR(255) PRIMARY KEY, server VARCHAR(255) NOT NULL,"
+        " tls_verify VARCHAR(10) NULL)",
+    )
+    handle = Db(system_mariadb)
     try:
-        admin = mysql.connector.connect(host=HOST, port=PORT, user=ADMIN_USER, password=ADMIN_PASSWORD,
-                                        autocommit=True, connection_timeout=3, use_pure=True)
-    except mysql.connector.Error as err:
-        reason = f"no MySQL/MariaDB server at {HOST}:{PORT}: {err}"
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set, so the database is required: {reason}")
-        pytest.skip(reason)
-    name = f"willi_e2e_{secrets.token_hex(4)}"
-    cur = admin.cursor()
-    cur.execute(f"CREATE DATABASE `{name}`")
-    cur.execute(f"CREATE TABLE `{name}`.routes (pattern VARCHAR(255) PRIMARY KEY, server VARCHAR(255) NOT NULL,"
-                " tls_verify VARCHAR(10) NULL)")
-    try:
-        yield Db(name, admin)
+        yield handle
     finally:
-        cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
-        admin.close()
+        handle.conn.close()
+        system_mariadb.execute(f"DROP TABLE IF EXISTS {TABLE}")
 
 
-def sql_mapping(db: Db, port: int = PORT, query: str = "SELECT server, tls_verify FROM routes WHERE pattern = ?",
-                extra: str = "") -> str:
-    return (f'[[mappings]]\ntype = "sql"\nhost = "{HOST}"\nport = {port}\nuser = "{ADMIN_USER}"\n'
-            f'password = "{ADMIN_PASSWORD}"\ndatabase = "{db.name}"\nquery = "{query}"\n'
+def sql_mapping(db: Db, port: int | None = None,
+                query: str = f"SELECT server, tls_verify FROM {TABLE} WHERE pattern = ?", extra: str = "") -> str:
+    d = db.database
+    return (f'[[mappings]]\ntype = "sql"\nhost = "{d.host}"\nport = {port or d.port}\nuser = "{d.user}"\n'
+            f'password = "{d.password}"\ndatabase = "{d.name}"\nquery = "{query}"\n'
             f'connect_timeout = "1s"\nread_timeout = "1s"\n{extra}')
 
 
@@ -112,7 +103,7 @@ def test_chain_order_sql_csv_static(db, willi, fake_upstream, tmp_path) -> None:
 def test_database_outage_gives_451_and_recovers_without_restart(db, willi, fake_upstream) -> None:
     upstream, fallback = fake_upstream(), fake_upstream()
     db.set_route("example.com", f"127.0.0.1:{upstream.port}")
-    forwarder = TcpForwarder((HOST, PORT)).start()
+    forwarder = TcpForwarder((db.database.host, db.database.port)).start()
     try:
         mappings = (sql_mapping(db, port=forwarder.port)
                     + f'\n[[mappings]]\ntype = "static"\nserver = "127.0.0.1:{fallback.port}"\ntls_verify = false\n')
@@ -133,7 +124,7 @@ def test_database_outage_gives_451_and_recovers_without_restart(db, willi, fake_
 def test_slow_query_gives_451_within_the_read_timeout(db, willi, fake_upstream) -> None:
     upstream = fake_upstream()
     db.set_route("example.com", f"127.0.0.1:{upstream.port}")
-    slow = "SELECT server, tls_verify FROM routes WHERE pattern = ? AND SLEEP(3) = 0"
+    slow = f"SELECT server, tls_verify FROM {TABLE} WHERE pattern = ? AND SLEEP(3) = 0"
     w = willi(mappings=sql_mapping(db, query=slow))
     started = time.monotonic()
     code, text = send(w, "x@example.com")
