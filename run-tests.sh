@@ -1,33 +1,71 @@
 #!/usr/bin/env bash
-# Run Willi's whole test suite on this machine, installing what it needs.
+# Run Willi's whole test suite on this machine.
 #
 #   ./run-tests.sh            # everything: lint, unit, end-to-end, MariaDB, Postfix, release
 #   ./run-tests.sh -k dialog  # extra arguments go to pytest
 #
-# As root on Debian it installs the Debian packages the tests use (postfix,
-# swaks, openssl, mariadb-server when no MariaDB answers on 127.0.0.1:3306)
-# and starts MariaDB if it is not running. Python packages come from
-# setup.py's [test] extra. Outside CI, tests whose service is missing are
-# skipped with the reason; with CI set they fail instead.
+# What this script installs and changes on the machine:
+#
+# * As root on Debian (apt-get present), only packages that are missing:
+#   `apt-get update`, then `apt-get install --no-install-recommends` of
+#   postfix (debconf answer "No configuration"), swaks, openssl, haproxy,
+#   openssh-server, python3-venv, and mariadb-server when no MariaDB is
+#   installed. Installing a package may start its service, as Debian does.
+# * As root, when MariaDB is installed but not running, it starts mariadbd
+#   (as the mysql user, with the system configuration) and stops that server,
+#   by the PID it started, when the tests end. A MariaDB that was already
+#   running is left alone. MariaDB's users, passwords and databases are not
+#   changed by this script.
+# * As a normal user it installs nothing system-wide and starts nothing;
+#   tests whose service is missing (or that need root) are skipped with the
+#   reason.
+# * It creates .venv/ in this directory (python3 -m venv, unless it exists)
+#   and installs willi in editable mode with its [test] extra into it
+#   (pip, from the configured package index). ruff and pytest run from it.
+# * The tests themselves create and drop their own MariaDB database and user
+#   (willi_test_<random>, logging in as MariaDB's root over the unix socket),
+#   and start and stop private MariaDB and Postfix instances in temporary
+#   directories on high ports on 127.0.0.1 (and ::1); nothing is left behind.
+#
+# With CI set (non-empty), every skip is a failure instead (tests/conftest.py).
 set -euo pipefail
 cd "$(dirname "$0")"
 
 log() { printf '== %s\n' "$*"; }
 
-mysql_up() { python3 - <<'PY' 2>/dev/null
-import socket, sys
-s = socket.socket(); s.settimeout(1)
-sys.exit(0 if s.connect_ex(("127.0.0.1", 3306)) == 0 else 1)
-PY
+mariadb_up() { (exec 3<>/dev/tcp/127.0.0.1/3306) 2>/dev/null; }
+have_mariadbd() { [ -x /usr/sbin/mariadbd ] || command -v mariadbd >/dev/null; }
+venv_works() { python3 -c 'import ensurepip, venv' 2>/dev/null; }
+
+started_mariadbd=""
+mariadbd_log=""
+stop_started_mariadbd() {
+  [ -n "$mariadbd_log" ] && rm -f "$mariadbd_log"
+  [ -n "$started_mariadbd" ] || return 0
+  log "stopping the MariaDB this script started (pid $started_mariadbd)"
+  kill "$started_mariadbd" 2>/dev/null || true
+  for _ in $(seq 1 60); do kill -0 "$started_mariadbd" 2>/dev/null || break; sleep 0.5; done
+  if kill -0 "$started_mariadbd" 2>/dev/null; then
+    log "mariadbd $started_mariadbd ignored SIGTERM for 30s; killing it"
+    kill -KILL "$started_mariadbd" 2>/dev/null || true
+  fi
+  wait "$started_mariadbd" 2>/dev/null || true
+  started_mariadbd=""
 }
+trap stop_started_mariadbd EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   need=()
-  command -v postfix >/dev/null || need+=(postfix)
+  command -v postfix >/dev/null || [ -x /usr/sbin/postfix ] || need+=(postfix)
+  command -v smtp-source >/dev/null || need+=(postfix)
   command -v swaks >/dev/null || need+=(swaks)
   command -v openssl >/dev/null || need+=(openssl)
-  command -v smtp-source >/dev/null || need+=(postfix)
-  if ! mysql_up && ! command -v mariadbd >/dev/null; then need+=(mariadb-server); fi
+  command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
+  [ -x /usr/sbin/sshd ] || need+=(openssh-server)
+  venv_works || need+=(python3-venv)
+  have_mariadbd || need+=(mariadb-server)
   if [ ${#need[@]} -gt 0 ]; then
     log "installing Debian packages: ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -35,27 +73,43 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -q
     apt-get install -y -q --no-install-recommends "${need[@]}"
   fi
-  if ! mysql_up; then
-    log "starting MariaDB"
-    mkdir -p /run/mysqld && chown mysql:mysql /run/mysqld 2>/dev/null || true
-    start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd -- --user=mysql
-    for _ in $(seq 1 60); do mysql_up && break; sleep 0.5; done
-    # A fresh Debian MariaDB lets root in only over the socket; the tests log in over TCP.
-    mariadb -e "ALTER USER 'root'@'localhost' IDENTIFIED VIA unix_socket OR mysql_native_password USING PASSWORD('')" \
-      2>/dev/null || true
-    mariadb -e "CREATE DATABASE IF NOT EXISTS test" 2>/dev/null || true
+  if have_mariadbd && ! mariadb_up; then
+    log "starting MariaDB for the tests; it is stopped again at the end"
+    install -d -o mysql -g mysql /run/mysqld
+    mariadbd_log=$(mktemp /tmp/willi-run-tests-mariadbd.XXXXXX)
+    /usr/sbin/mariadbd --user=mysql >"$mariadbd_log" 2>&1 </dev/null &
+    started_mariadbd=$!
+    for _ in $(seq 1 60); do
+      mariadb_up && break
+      kill -0 "$started_mariadbd" 2>/dev/null || break
+      sleep 0.5
+    done
+    if ! mariadb_up; then
+      log "MariaDB did not come up on 127.0.0.1:3306 (mariadbd exited, or 30s passed); its output:"
+      tail -n 30 "$mariadbd_log" >&2 || true
+      exit 1
+    fi
   fi
 fi
 
-log "installing Python packages (willi and its [test] extra)"
-python3 -m pip install -q --disable-pip-version-check -e '.[test]'
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c pass 2>/dev/null; then
+  if ! venv_works; then
+    echo "python3 cannot create virtual environments; as root: apt-get install python3-venv" >&2
+    exit 1
+  fi
+  log "creating .venv"
+  python3 -m venv --clear .venv
+fi
+
+log "installing Python packages into .venv (willi and its [test] extra)"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
 
 log "ruff"
-python3 -m ruff check .
+.venv/bin/python -m ruff check .
 
 log "pytest"
 set +e
-python3 -m pytest "$@"
+.venv/bin/python -m pytest "$@"
 status=$?
 set -e
 # pytest exits 5 when nothing was collected: that is a failure here, never a pass.
