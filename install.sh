@@ -89,6 +89,7 @@ case $PREFIX in
     *) die "--prefix must be an absolute path, not $PREFIX" ;;
 esac
 PREFIX=${PREFIX%/}
+[ -n "$PREFIX" ] || die "--prefix / is not an installation directory"
 case $PREFIX in
     *[!A-Za-z0-9/._-]*) die "--prefix may hold only letters, digits and / . _ -: $PREFIX" ;;
 esac
@@ -184,6 +185,7 @@ esac
 # its groups (initgroups), in /, with a service manager's bare environment.
 # setpriv still holds root's capabilities when it calls exec, so a shell that
 # runs as the user does the exec: a program the user may not execute fails.
+# shellcheck disable=SC2016
 run_as_service_user() {
     if command -v setpriv >/dev/null 2>&1; then
         (cd / && exec env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin \
