@@ -15,7 +15,7 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8") if (HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     license="MIT",
-    python_requires=">=3.9",
+    python_requires=">=3.11",
     packages=find_packages(include=["willi", "willi.*"]),
     install_requires=[
         "toml>=0.10",
@@ -23,6 +23,9 @@ setup(
         "python-daemon>=2.3",
     ],
     extras_require={
+        # Prometheus metrics; the release tarball ships the wheel and
+        # install.sh installs willi[metrics], so installations always have it.
+        "metrics": ["prometheus_client>=0.16"],
         "test": [
             "pytest>=7",
             "hypothesis>=6",
@@ -33,6 +36,7 @@ setup(
     entry_points={"console_scripts": ["willi = willi.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3 :: Only",
         "Topic :: Communications :: Email :: Mail Transport Agents",
         "Operating System :: POSIX :: Linux",
     ],

@@ -1,7 +1,8 @@
 #!/bin/sh
 # Build dist/willi-<version>.tar.gz: install.sh, the example configuration
-# and CSV, the systemd unit, the README and wheels/ with Willi and every
-# dependency, so that install.sh needs no network.
+# and CSV, the systemd unit, the manual page, the README and wheels/ with
+# Willi and every dependency (the metrics extra's prometheus_client too), so
+# that install.sh needs no network.
 #
 # Usage: packaging/release.sh [DIST_DIR]      (what `make release` runs)
 # Needs network access to PyPI (or a pip cache / PIP_FIND_LINKS) to fetch the
@@ -26,7 +27,10 @@ mkdir -p "$STAGE/packaging" "$STAGE/wheels" "$WORK/src" "$WORK/pure"
 cp setup.py "$WORK/src/"
 [ -f README.md ] && cp README.md "$WORK/src/"
 tar -cf - --exclude=__pycache__ --exclude='*.pyc' willi | tar -xf - -C "$WORK/src"
-"$PYTHON" -m pip wheel --quiet --disable-pip-version-check --wheel-dir "$STAGE/wheels" "$WORK/src"
+# With the metrics extra: install.sh installs willi[metrics], offline.
+"$PYTHON" -m pip wheel --quiet --disable-pip-version-check --wheel-dir "$STAGE/wheels" "$WORK/src[metrics]"
+ls "$STAGE"/wheels/prometheus_client-*.whl >/dev/null 2>&1 \
+    || { echo "release: no prometheus_client wheel for willi[metrics]" >&2; exit 1; }
 
 # Prefer pure-Python wheels: the tarball then installs on any CPU and any
 # supported Python. mysql-connector-python publishes a platform wheel (with
@@ -57,6 +61,9 @@ cp install.sh "$STAGE/"
 chmod 0755 "$STAGE/install.sh"
 cp willi.toml.example routes.csv.example "$STAGE/"
 cp packaging/willi.service "$STAGE/packaging/"
+sed "s/^\.TH WILLI 8 \"\" \"Willi\"/.TH WILLI 8 \"\" \"Willi $VERSION\"/" packaging/willi.8 > "$STAGE/packaging/willi.8"
+grep -q "^\.TH WILLI 8 \"\" \"Willi $VERSION\"" "$STAGE/packaging/willi.8" \
+    || { echo "release: packaging/willi.8 has no .TH line to put the version in" >&2; exit 1; }
 if [ -f README.md ]; then
     cp README.md "$STAGE/"
 else
