@@ -25,7 +25,13 @@ Conformance rules (Postfix's wording where Postfix has the rule):
 - A non-ASCII address in a transaction whose MAIL lacked SMTPUTF8: 553 5.6.7
   (RFC 6531 3.5; Postfix with `strict_smtputf8 = yes`).
 - XCLIENT attributes must be among those advertised, xtext-encoded, with
-  Postfix's syntax for ADDR, PORT, PROTO and NAME (501 5.5.4).
+  Postfix's syntax for ADDR, PORT, PROTO and NAME (501 5.5.4). Several
+  XCLIENT commands in a row are fine, but as in Postfix the authorization is
+  checked against the current client, real or impersonated: `xclient_hosts`
+  (default loopback, like the interop Postfix's
+  smtpd_authorized_xclient_hosts). Once ADDR named a host outside it,
+  XCLIENT is no longer offered and gets 550 5.7.0 (XCLIENT_README: "send
+  NAME and ADDR last").
 - A command line longer than 2048 octets is 500 5.5.2 (Postfix would
   truncate it, which is no better); a bare CR or a NUL in a command line is
   500 5.5.2; so is a line that is not UTF-8 while SMTPUTF8 is configured
@@ -266,6 +272,33 @@ XCLIENT_VALUES: dict[str, Callable[[str], bool]] = {
 }
 
 
+DEFAULT_XCLIENT_HOSTS: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+
+
+def xclient_authorized(address: str, hosts: Iterable[str]) -> bool:
+    """Whether `address` (an XCLIENT ADDR value or a peer address) is in `hosts`.
+
+    [UNAVAILABLE] and anything else that is not an address never is.
+    """
+    if address[:5].upper() == "IPV6:":
+        address = address[5:]
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in ipaddress.ip_network(net) for net in hosts)
+
+
+def xclient_addr(arg: str) -> str | None:
+    """The decoded ADDR of a valid XCLIENT argument (the last one wins), if any."""
+    addr = None
+    for item in arg.split():
+        name, _, raw = item.partition("=")
+        if name.upper() == "ADDR":
+            addr = xtext_decode(raw)
+    return addr
+
+
 def xclient_error(arg: str, offered: str) -> str | None:
     """Postfix's 501 for an XCLIENT argument, judged against the advertised attributes."""
     allowed = {name.upper() for name in offered.split()}
@@ -410,6 +443,7 @@ class FakeUpstream:
         host: str = "127.0.0.1",
         tls_context: ssl.SSLContext | None = None,
         xclient: str | None = None,
+        xclient_hosts: Iterable[str] = DEFAULT_XCLIENT_HOSTS,
         size: int | None = None,
         extensions: Iterable[str] = DEFAULT_EXTENSIONS,
         greeting: str = "220 fake.upstream ESMTP",
@@ -423,6 +457,7 @@ class FakeUpstream:
         self.port = 0
         self.tls_context = tls_context
         self.xclient = xclient
+        self.xclient_hosts = tuple(xclient_hosts)
         self.size = size
         self.extensions = tuple(extensions)
         self.greeting = greeting
@@ -607,6 +642,11 @@ class _Conversation:
         self.reader = _Reader(sock, self._record)
         self.greeted = False
         self.offered: dict[str, str] = {}  # what the last EHLO reply listed; {} after HELO
+        # XCLIENT survives its own restart (Postfix allows several in a row);
+        # None once an EHLO without it or a HELO was answered.
+        self.xclient_offered: str | None = None
+        peer = session.peer[0] if session.peer else ""
+        self.xclient_authorized = xclient_authorized(peer, server.xclient_hosts)
         self.txn: Transaction | None = None
         self.smtputf8 = False  # the current transaction's MAIL declared SMTPUTF8
 
@@ -712,7 +752,7 @@ class _Conversation:
             lines.append(f"SIZE {self.server.size}")
         if self.server.tls_context is not None and not self.session.tls:
             lines.append("STARTTLS")
-        if self.server.xclient is not None:
+        if self.server.xclient is not None and self.xclient_authorized:
             lines.append(f"XCLIENT {self.server.xclient}".rstrip())
         lines.extend(self.server.extensions)
         return lines
@@ -735,6 +775,7 @@ class _Conversation:
         if _is_2xx(text):
             self.greeted = True
             self.offered = offered_extensions(text)
+            self.xclient_offered = self.offered.get("XCLIENT")
             self._reset()
         self._reply("ehlo", text)
 
@@ -746,6 +787,7 @@ class _Conversation:
         if _is_2xx(text):
             self.greeted = True
             self.offered = {}  # a HELO client gets no extensions
+            self.xclient_offered = None
             self._reset()
         self._reply("helo", text)
 
@@ -780,7 +822,10 @@ class _Conversation:
         self._restart()
 
     def _cmd_xclient(self, line: str, arg: str) -> None:
-        offered = self.offered.get("XCLIENT")
+        if self.server.xclient is not None and not self.xclient_authorized:
+            self._refuse("xclient", line, "550 5.7.0 Error: insufficient authorization")
+            return
+        offered = self.xclient_offered
         if offered is None:
             self._refuse("xclient", line, "502 5.5.2 Error: command not recognized")
             return
@@ -794,6 +839,9 @@ class _Conversation:
         text = self._reply_for("xclient", XCLIENT_REPLY)
         if text.startswith("220"):
             self._restart()
+            addr = xclient_addr(arg)
+            if addr is not None:
+                self.xclient_authorized = xclient_authorized(addr, self.server.xclient_hosts)
         self._reply("xclient", text)
 
     def _cmd_mail(self, line: str, arg: str) -> None:

@@ -25,6 +25,8 @@ from fakeupstream import (
     split_path,
     strip_line_end,
     without,
+    xclient_addr,
+    xclient_authorized,
     xclient_error,
     xtext_decode,
 )
@@ -508,6 +510,30 @@ def test_xclient_error(arg: str, offered: str, expected: str | None) -> None:
     assert xclient_error(arg, offered) == expected
 
 
+@pytest.mark.parametrize(
+    ("address", "hosts", "expected"),
+    [
+        ("127.0.0.1", ("127.0.0.0/8", "::1/128"), True),
+        ("::1", ("127.0.0.0/8", "::1/128"), True),
+        ("IPV6:::1", ("127.0.0.0/8", "::1/128"), True),
+        ("127.0.0.2", ("127.0.0.1/32",), False),
+        ("203.0.113.5", ("127.0.0.0/8", "::1/128"), False),
+        ("[UNAVAILABLE]", ("0.0.0.0/0",), False),
+        ("IPV6:2001:db8::1", ("2001:db8::/32",), True),
+    ],
+)
+def test_xclient_authorized(address: str, hosts: tuple[str, ...], expected: bool) -> None:
+    assert xclient_authorized(address, hosts) is expected
+
+
+@pytest.mark.parametrize(
+    ("arg", "expected"),
+    [("NAME=a.example ADDR=192.0.2.1", "192.0.2.1"), ("HELO=x", None), ("ADDR=IPV6+3A::1", "IPV6:::1")],
+)
+def test_xclient_addr(arg: str, expected: str | None) -> None:
+    assert xclient_addr(arg) == expected
+
+
 # -- strictness over the wire -------------------------------------------------
 
 
@@ -695,6 +721,38 @@ def test_xclient_needs_ehlo_offer_not_just_configuration(fake_upstream: Factory)
     server = fake_upstream(xclient="ADDR")
     (answer,) = dialog(server, [b"XCLIENT ADDR=192.0.2.1"], hello=b"HELO client.test")
     assert answer == b"502 5.5.2 Error: command not recognized"
+
+
+def test_several_xclient_commands_in_a_row(fake_upstream: Factory) -> None:
+    """Postfix takes XCLIENT after XCLIENT without a new EHLO (long values need several)."""
+    server = fake_upstream(xclient="NAME ADDR HELO")
+    answers = dialog(server, [b"XCLIENT HELO=x.example", b"XCLIENT ADDR=127.0.0.2", b"XCLIENT NAME=a.example",
+                              b"EHLO x.example"])
+    assert answers == [b"220 fake.upstream ESMTP"] * 3 + [b"250 SMTPUTF8"]
+    assert server.refused_commands == []
+
+
+@pytest.mark.parametrize("addr", [b"203.0.113.5", b"IPV6:2001:db8::5", b"[UNAVAILABLE]"])
+def test_xclient_addr_outside_authorized_hosts_ends_xclient(fake_upstream: Factory, addr: bytes) -> None:
+    """As Postfix: XCLIENT_README says to send ADDR last, because it re-checks authorization."""
+    server = fake_upstream(xclient="NAME ADDR HELO")
+    with raw_client(server) as (sock, f):
+        sock.sendall(b"XCLIENT ADDR=" + addr + b"\r\n")
+        assert read_reply(f) == [b"220 fake.upstream ESMTP"]
+        sock.sendall(b"XCLIENT HELO=x.example\r\n")
+        assert read_reply(f) == [b"550 5.7.0 Error: insufficient authorization"]
+        sock.sendall(b"EHLO x.example\r\n")
+        assert not any(line.upper().startswith(b"250-XCLIENT") for line in read_reply(f))
+    assert server.refused_commands == ["XCLIENT HELO=x.example"]
+
+
+def test_xclient_not_offered_to_an_unauthorized_peer(fake_upstream: Factory) -> None:
+    server = fake_upstream(xclient="NAME ADDR", xclient_hosts=("192.0.2.0/24",))
+    with socket.create_connection((server.host, server.port), timeout=5) as sock, sock.makefile("rb") as f:
+        read_reply(f)
+        sock.sendall(b"EHLO client.test\r\nXCLIENT ADDR=192.0.2.1\r\n")
+        assert not any(b"XCLIENT" in line for line in read_reply(f))
+        assert read_reply(f) == [b"550 5.7.0 Error: insufficient authorization"]
 
 
 def test_advertised_parameters_pass_end_to_end(fake_upstream: Factory) -> None:
