@@ -34,8 +34,13 @@ Conformance rules (Postfix's wording where Postfix has the rule):
   NAME and ADDR last").
 - A command line longer than 2048 octets is 500 5.5.2 (Postfix would
   truncate it, which is no better); a bare CR or a NUL in a command line is
-  500 5.5.2; so is a line that is not UTF-8 while SMTPUTF8 is configured
-  (Postfix 3.x). A bare LF ends a command, as in Postfix.
+  500 5.5.2 (RFC 5321 2.3.8; Exim refuses NUL, Postfix 3.7 lets both through
+  outside addresses); so is a line that is not UTF-8 while SMTPUTF8 is
+  configured (Postfix 3.x). A bare LF ends a command, as in Postfix.
+- Stricter than a default Postfix where RFC 5321 is on our side and no
+  conforming client notices: MAIL needs HELO/EHLO first (Postfix's
+  smtpd_helo_required = no lets it pass), XCLIENT and STARTTLS only after
+  an EHLO reply that offered them, parameters only after EHLO.
 - Any 421 (greeting or reply) closes the connection at once: nothing more is
   read as a command; bytes that still arrive are kept in `after_421`.
 
