@@ -117,6 +117,8 @@ def open_idle(port: int, count: int, timeout: float) -> tuple[list[socket.socket
             now = time.monotonic()
             if now >= deadline:
                 failures[f"not idle within {timeout:g} s"] += len(sel.get_map())
+                if count > started:
+                    failures[f"not started within {timeout:g} s"] += count - started
                 break
             while started < count and len(sel.get_map()) < OPEN_PENDING:
                 try:

@@ -165,7 +165,7 @@ def run_mode(mode: str, sink: Sink, specs: Sequence[WilliSpec], shapes: Sequence
                     run = measure(label, port, willi, sink, shape, timeout)
                     cells.setdefault(shape.key, {}).setdefault(label, Cell()).runs.append(run)
                     cpu = run.cpu_percent()
-                    line.append(f"{label} " + (f"{run.rate(shape):,.0f} msg/s" if run.ok else "FAILED")
+                    line.append(f"{label} " + (f"{number(run.rate(shape))} msg/s" if run.ok else "FAILED")
                                 + (f" ({cpu:.0f}% CPU)" if cpu is not None and run.ok else ""))
                 print(f"  {mode} {shape.key} run {rep + 1}/{repeat}: " + ", ".join(line), file=sys.stderr)
     finally:
@@ -180,7 +180,10 @@ def run_idle(specs: Sequence[WilliSpec], sink: Sink, count: int, burst: int, idl
         try:
             time.sleep(0.5)
             print(f"  idle {spec.label}: opening {count} connections", file=sys.stderr)
-            results[spec.label] = idleclient.measure_idle(willi.pid, willi.port, count, burst, idle_seconds)
+            result = results[spec.label] = idleclient.measure_idle(willi.pid, willi.port, count, burst, idle_seconds)
+            burst_text = f", burst {result.burst.greeted}/{burst} greeted" if result.burst else ""
+            print(f"  idle {spec.label}: {result.opened} opened in {result.open_seconds:.1f} s, "
+                  f"idle CPU {result.idle_cpu_percent:.0f}%{burst_text}", file=sys.stderr)
         finally:
             willi.stop()
 
@@ -271,7 +274,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--willi", action="append", type=willi_argument, metavar="LABEL=DIR[,key=value,...]",
                         help="a checkout to measure (repeatable); key=value pairs are extra TOML settings "
                              f"(default: willi={ROOT})")
-    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of the shapes below")
+    parser.add_argument("--shapes", default=",".join(SHAPES),
+                        help="comma-separated subset of the shapes below; none: only the idle test")
     parser.add_argument("--modes", default=",".join(MODES), help="xclient, noxclient or both")
     parser.add_argument("--repeat", type=int, help="repetitions per shape, the median is shown (default 3)")
     parser.add_argument("--idle", type=int, metavar="N", help="idle connections per Willi, 0 skips (default 10000)")
@@ -281,7 +285,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, metavar="FILE", help="write all figures and runs to FILE")
     args = parser.parse_args(argv)
     try:
-        args.shapes = [SHAPES[k] for k in split(args.shapes)]
+        args.shapes = [] if args.shapes == "none" else [SHAPES[k] for k in split(args.shapes)]
     except KeyError as exc:
         parser.error(f"unknown shape {exc}; choose from {', '.join(SHAPES)}")
     args.modes = split(args.modes)
@@ -297,8 +301,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     labels = [s.label for s in args.willi]
     if len(set(labels)) != len(labels):
         parser.error("each --willi needs its own label")
-    if args.repeat < 1 or args.idle < 0 or args.burst < 0 or not args.shapes or not args.modes:
-        parser.error("--repeat must be at least 1, --idle and --burst at least 0, --shapes and --modes not empty")
+    if args.repeat < 1 or args.idle < 0 or args.burst < 0 or not args.modes or not (args.shapes or args.idle):
+        parser.error("--repeat must be at least 1, --idle and --burst at least 0, --modes not empty, "
+                     "and there must be shapes or an idle test to run")
     return args
 
 
@@ -345,7 +350,7 @@ def main(argv: Sequence[str]) -> int:
     try:
         for mode in args.modes:
             sinks[mode] = Sink(workdir, xclient=mode == "xclient")
-        for mode in args.modes:
+        for mode in args.modes if args.shapes else ():
             run_mode(mode, sinks[mode], args.willi, args.shapes, args.repeat, args.timeout, workdir,
                      results.setdefault(mode, {}))
         if args.idle:
@@ -363,18 +368,20 @@ def main(argv: Sequence[str]) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
         else:
             print(f"bench: configurations, logs and sink counters kept in {workdir}", file=sys.stderr)
-    report = [f"smtp-source -> [Willi ->] smtp-sink on 127.0.0.1, one connection per message, "
-              f"median of {args.repeat} run{'s' if args.repeat > 1 else ''}",
-              "ratio = Willi msg/s / direct msg/s; CPU% = Willi's whole process tree, 100% = one core; "
-              "MB = 10^6 payload octets (smtp-source -l)"]
-    report += [f"  {s.label}: {s.describe()}" for s in args.willi]
+    report = [f"{s.label}: {s.describe()}" for s in args.willi]
+    if results:
+        report += [f"smtp-source -> [Willi ->] smtp-sink on 127.0.0.1, one connection per message, "
+                   f"median of {args.repeat} run{'s' if args.repeat > 1 else ''}",
+                   "ratio = Willi msg/s / direct msg/s; CPU% = Willi's whole process tree, 100% = one core; "
+                   "MB = 10^6 payload octets (smtp-source -l)"]
     for mode, cells in results.items():
         report += ["", *mode_table(mode, cells, args.shapes, labels)]
     if idle:
         report += ["", *idle_lines(idle, args.idle, args.burst, args.idle_seconds)]
     print("\n".join(report))
     if args.json:
-        args.json.write_text(json.dumps(to_json(args, results, idle), indent=2) + "\n")
+        figures = {"ok": ok, "interrupted": interrupted, **to_json(args, results, idle)}
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
     return 130 if interrupted else 0 if ok else 1
 
 
