@@ -26,6 +26,9 @@ BASE_SETTINGS: dict[str, Any] = {
     "upstream_command_timeout": "5s",
     "upstream_connect_timeout": "3s",
     "read_timeout": "10s",
+    # The upstream connection closes with the client's, so "the upstream session closed" marks the end
+    # of a client connection; the pool has its own tests (test_pool.py).
+    "upstream_reuse": False,
 }
 
 BODY = b"Subject: test\r\n\r\nHello.\r\n"

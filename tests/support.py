@@ -54,6 +54,7 @@ def willi_config(*, upstream_port: int | None = None, mappings: str | None = Non
     settings: dict[str, object] = {
         "listen": "127.0.0.1:0", "domain": "mx.willi.test", "client_name_lookup": False,
         "upstream_command_timeout": "5s", "upstream_connect_timeout": "3s", "read_timeout": "10s",
+        "upstream_reuse": False,  # see proxy_helpers.BASE_SETTINGS
     }
     settings.update(toml.loads(extra))  # a test's own settings override these defaults
     text = f"{toml.dumps(settings)}\n{mappings}"

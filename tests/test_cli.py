@@ -35,7 +35,8 @@ def test_check_example_configuration(capsys) -> None:
     status, out, err = run(capsys, "-c", str(EXAMPLE), "--check")
     assert status == 0, err
     assert "routes.csv.example: 3 entries" in out
-    assert "listen: 127.0.0.1:2525" in out
+    assert "listen 127.0.0.1:2525" in out
+    assert out.splitlines()[-1] == "check passed"
 
 
 def test_check_reports_a_broken_csv_with_its_line(capsys, tmp_path) -> None:
@@ -65,8 +66,11 @@ def test_lookup_shows_keys_mapping_and_cache(capsys) -> None:
     status, out, _ = run(capsys, "-c", str(EXAMPLE), "--lookup", "Bob+news@Example.COM", "carol@example.com")
     assert status == 0
     lines = out.splitlines()
-    assert lines[0] == "Bob+news@Example.COM: keys tried in order: bob+news@example.com, bob@example.com, example.com"
-    assert "key=example.com server=127.0.0.1:2526 tls_verify=false cached=no" in lines[1]
+    assert lines[0] == ("Bob+news@Example.COM: keys tried in order: bob+news@example.com, bob@example.com, "
+                        "example.com, .com")
+    assert "key=example.com server=127.0.0.1:2526 tls_verify=false" in lines[1]
+    assert "tls=opportunistic (upstream_starttls=always, certificate not verified when used)" in lines[1]
+    assert lines[1].endswith("xclient=on cached=no")
     assert "key=example.com" in lines[3] and lines[3].endswith("cached=yes")
 
 

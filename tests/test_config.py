@@ -294,7 +294,7 @@ def test_load_config_unreadable(tmp_path: Path, content: bytes | None) -> None:
 
 def test_minimal_config_gets_the_defaults(tmp_path: Path) -> None:
     config = parse_config(STATIC, str(tmp_path / "w.toml"), base=tmp_path)
-    assert config.mappings == (StaticMappingConfig(Route("mx.example.com", 25, True)),)
+    assert config.mappings == (StaticMappingConfig(Route.single("mx.example.com", 25, True)),)
     for field in dataclasses.fields(Config):
         if field.name in ("path", "mappings", "domain"):
             continue
@@ -359,8 +359,8 @@ tls_verify = false
     assert sql.password == "secret" and sql.tls is True and sql.tls_ca == tmp_path / "ca.pem" and sql.pool_size == 2
     assert "secret" not in repr(sql)
     assert csv == CsvMappingConfig(file=tmp_path / "routes.csv", reload_interval=1.0, keys=("full", "domain"))
-    assert sql.keys == ("full", "base", "domain")
-    assert static == StaticMappingConfig(Route("2001:db8::25", 2525, False))
+    assert sql.keys == ("full", "base", "domain", "parent")
+    assert static == StaticMappingConfig(Route.single("2001:db8::25", 2525, False))
 
 
 def test_config_is_frozen(tmp_path: Path) -> None:

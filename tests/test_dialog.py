@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -170,30 +169,6 @@ def proxy(willi, fake_upstream, tmp_path: Path) -> Iterator[Callable[..., Proxy]
     yield factory
     for c in opened:  # before the willi fixture stops the service, which waits for sessions
         c.close()
-    for w in started:
-        stop_listening_now(w)
-
-
-def stop_listening_now(w: RunningWilli) -> None:
-    """End the listeners' serve_forever loops at once.
-
-    `shutdown()` otherwise waits for the loop's next poll (0.2 s), which,
-    paid once per test, would dominate this file's run time. Connecting
-    wakes the loop's select(); it sees the shutdown request and stops
-    without handling that connection. The willi fixture's stop() then
-    finds the loops already ended.
-    """
-    for srv in w.service.servers:
-        address = srv.server_address[:2]
-        waiter = threading.Thread(target=srv.shutdown, daemon=True)
-        waiter.start()
-        while waiter.is_alive():
-            try:
-                socket.create_connection(address, timeout=0.5).close()
-            except OSError:
-                break
-            waiter.join(0.01)
-        waiter.join(1.0)
 
 
 # ---------------------------------------------------------------- greeting, EHLO, HELO

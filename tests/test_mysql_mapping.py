@@ -193,11 +193,11 @@ def test_name_never_contains_password(db: TestDatabase, mapping: SqlMapping) -> 
 
 
 def test_lookup_hit_and_miss(mapping: SqlMapping) -> None:
-    assert mapping.lookup("alice@example.org") == Route("mx1.example.net", 25, True)
-    assert mapping.lookup("bob@example.org") == Route("mx2.example.net", 2525, False)
-    assert mapping.lookup("null@example.org") == Route("2001:db8::25", 587, True)
+    assert mapping.lookup("alice@example.org") == Route.single("mx1.example.net", 25, True)
+    assert mapping.lookup("bob@example.org") == Route.single("mx2.example.net", 2525, False)
+    assert mapping.lookup("null@example.org") == Route.single("2001:db8::25", 587, True)
     assert mapping.lookup("nobody@example.org") is None
-    assert mapping.lookup("ünïcode@exämple.org") == Route("mx-utf8.example.net", 25, True)
+    assert mapping.lookup("ünïcode@exämple.org") == Route.single("mx-utf8.example.net", 25, True)
     # A key full of quoting tricks is a parameter, not SQL.
     assert mapping.lookup("x' OR '1'='1") is None
 
@@ -205,7 +205,7 @@ def test_lookup_hit_and_miss(mapping: SqlMapping) -> None:
 def test_percent_s_query(db: TestDatabase) -> None:
     m = SqlMapping(config(db, query="SELECT server, tls_verify FROM routes WHERE pattern = %s"), 0)
     try:
-        assert m.lookup("bob@example.org") == Route("mx2.example.net", 2525, False)
+        assert m.lookup("bob@example.org") == Route.single("mx2.example.net", 2525, False)
         assert m.lookup("nobody@example.org") is None
     finally:
         m.close()
@@ -215,7 +215,7 @@ def test_question_mark_inside_literal_is_not_a_placeholder(db: TestDatabase) -> 
     query = "SELECT server, 'really?' AS note FROM routes WHERE pattern = ?"
     m = SqlMapping(config(db, query=query), 0)
     try:
-        assert m.lookup("alice@example.org") == Route("mx1.example.net", 25, True)
+        assert m.lookup("alice@example.org") == Route.single("mx1.example.net", 25, True)
     finally:
         m.close()
 
@@ -292,7 +292,7 @@ def test_changes_are_seen_by_pooled_connections(db: TestDatabase, mapping: SqlMa
     assert mapping.lookup("new@example.org") is None
     try:
         db.execute("INSERT INTO routes VALUES ('new@example.org', 'fresh.example.net', NULL)")
-        assert mapping.lookup("new@example.org") == Route("fresh.example.net")
+        assert mapping.lookup("new@example.org") == Route.single("fresh.example.net")
     finally:
         db.execute("DELETE FROM routes WHERE pattern = 'new@example.org'")
 
@@ -335,7 +335,7 @@ def test_password_file(db: TestDatabase, tmp_path: Path) -> None:
     secret.write_text(db.password + "\n", encoding="utf-8")
     m = SqlMapping(config(db, password="", password_file=secret), 0)
     try:
-        assert m.lookup("alice@example.org") == Route("mx1.example.net")
+        assert m.lookup("alice@example.org") == Route.single("mx1.example.net")
     finally:
         m.close()
 
@@ -420,7 +420,7 @@ def test_slow_query_times_out_and_connection_is_replaced(db: TestDatabase, sessi
             time.sleep(0.05)
         assert sessions.sleeping_queries() == 0
         # The timed-out connection was discarded; the only slot works again.
-        assert m.lookup("alice@example.org") == Route("mx1.example.net")
+        assert m.lookup("alice@example.org") == Route.single("mx1.example.net")
     finally:
         m.close()
 
@@ -458,7 +458,7 @@ def test_closed_mapping_refuses(db: TestDatabase, sessions: Sessions) -> None:
 
 def test_many_threads_get_correct_answers(db: TestDatabase, sessions: Sessions) -> None:
     m = SqlMapping(config(db, pool_size=8), 0)
-    expected = {f"user{i}@bulk.example": Route(f"mx{i}.bulk.example", 2500 + i) for i in range(50)}
+    expected = {f"user{i}@bulk.example": Route.single(f"mx{i}.bulk.example", 2500 + i) for i in range(50)}
     keys = [f"user{i % 50}@bulk.example" if i % 4 else f"miss{i}@bulk.example" for i in range(200)]
     results: dict[int, Route | None] = {}
     errors: list[BaseException] = []
@@ -521,7 +521,7 @@ def test_reconnects_after_the_server_killed_its_connections(
         time.sleep(0.2)
         # Every pooled connection is dead now; each lookup still succeeds.
         for _ in range(5):
-            assert m.lookup("bob@example.org") == Route("mx2.example.net", 2525, False)
+            assert m.lookup("bob@example.org") == Route.single("mx2.example.net", 2525, False)
         assert len(sessions.ids()) >= 1
         # The dead pooled connections were found and replaced, not just skipped.
         assert any("pooled connection lost" in r.getMessage() for r in caplog.records)
@@ -556,7 +556,7 @@ def test_verified_tls_works_and_really_encrypts(tls_db: TestDatabase, pki: TestP
     m = SqlMapping(config(tls_db, **settings), 0)
     cipher = SqlMapping(config(tls_db, query=CIPHER_QUERY, **settings), 0)
     try:
-        assert m.lookup("alice@example.org") == Route("mx1.example.net", 25, True)
+        assert m.lookup("alice@example.org") == Route.single("mx1.example.net", 25, True)
         assert m.lookup("nobody@example.org") is None
         assert PROBE_KEY in m.check()
         route = cipher.lookup("alice@example.org")
@@ -580,7 +580,7 @@ def test_without_tls_the_same_servers_talk_plaintext(
     for db in (tls_db, plain_db):
         m = SqlMapping(config(db, query=CIPHER_QUERY, tls=False, tls_verify=tls_verify), 0)
         try:
-            assert m.lookup("alice@example.org") == Route(PLAINTEXT, 25, True)
+            assert m.lookup("alice@example.org") == Route.single(PLAINTEXT, 25, True)
         finally:
             m.close()
 

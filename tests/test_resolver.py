@@ -17,9 +17,15 @@ from willi.mappings.static import StaticMapping
 from willi.resolver import LookupCache, LookupFailed, Resolution, Resolver, build_resolver, lookup_keys
 from willi.route import Route
 
-R1 = Route("mx1.example.net", 25, True)
-R2 = Route("mx2.example.net", 2525, False)
-R3 = Route("mx3.example.net", 25, True)
+R = Route.single
+
+R1 = R("mx1.example.net", 25, True)
+R2 = R("mx2.example.net", 2525, False)
+R3 = R("mx3.example.net", 25, True)
+
+#: The domain key and its parent key, which every example.com address ends with.
+EXAMPLE_COM = ("example.com", ".com")
+
 
 # ---------------------------------------------------------------- lookup keys
 
@@ -27,37 +33,37 @@ R3 = Route("mx3.example.net", 25, True)
 @pytest.mark.parametrize(
     ("address", "delimiter", "case_sensitive", "expected"),
     [
-        pytest.param("user+ext@Example.COM", "+", False, ["user+ext@example.com", "user@example.com", "example.com"],
+        pytest.param("user+ext@Example.COM", "+", False, ["user+ext@example.com", "user@example.com", *EXAMPLE_COM],
                      id="design-example"),
-        pytest.param("user@example.com", "+", False, ["user@example.com", "example.com"], id="no-subaddress"),
-        pytest.param("User+Ext@Example.COM", "+", False, ["user+ext@example.com", "user@example.com", "example.com"],
+        pytest.param("user@example.com", "+", False, ["user@example.com", *EXAMPLE_COM], id="no-subaddress"),
+        pytest.param("User+Ext@Example.COM", "+", False, ["user+ext@example.com", "user@example.com", *EXAMPLE_COM],
                      id="local-lowered-by-default"),
-        pytest.param("User+Ext@Example.COM", "+", True, ["User+Ext@example.com", "User@example.com", "example.com"],
+        pytest.param("User+Ext@Example.COM", "+", True, ["User+Ext@example.com", "User@example.com", *EXAMPLE_COM],
                      id="local-case-sensitive-domain-still-lowered"),
-        pytest.param("user-ext@example.com", "+-", False, ["user-ext@example.com", "user@example.com", "example.com"],
+        pytest.param("user-ext@example.com", "+-", False, ["user-ext@example.com", "user@example.com", *EXAMPLE_COM],
                      id="second-delimiter-char"),
-        pytest.param("user+a-b@example.com", "+-", False, ["user+a-b@example.com", "user@example.com", "example.com"],
+        pytest.param("user+a-b@example.com", "+-", False, ["user+a-b@example.com", "user@example.com", *EXAMPLE_COM],
                      id="several-delimiters-plus-first"),
-        pytest.param("user-a+b@example.com", "+-", False, ["user-a+b@example.com", "user@example.com", "example.com"],
+        pytest.param("user-a+b@example.com", "+-", False, ["user-a+b@example.com", "user@example.com", *EXAMPLE_COM],
                      id="several-delimiters-hyphen-first"),
-        pytest.param("user+a+b@example.com", "+", False, ["user+a+b@example.com", "user@example.com", "example.com"],
+        pytest.param("user+a+b@example.com", "+", False, ["user+a+b@example.com", "user@example.com", *EXAMPLE_COM],
                      id="cut-at-first-delimiter"),
-        pytest.param("user-ext@example.com", "+", False, ["user-ext@example.com", "example.com"],
+        pytest.param("user-ext@example.com", "+", False, ["user-ext@example.com", *EXAMPLE_COM],
                      id="other-char-not-a-delimiter"),
-        pytest.param("user+ext@example.com", "", False, ["user+ext@example.com", "example.com"],
+        pytest.param("user+ext@example.com", "", False, ["user+ext@example.com", *EXAMPLE_COM],
                      id="no-delimiter-configured"),
-        pytest.param("user+@example.com", "+", False, ["user+@example.com", "user@example.com", "example.com"],
+        pytest.param("user+@example.com", "+", False, ["user+@example.com", "user@example.com", *EXAMPLE_COM],
                      id="empty-extension"),
-        pytest.param("+user@example.com", "+", False, ["+user@example.com", "example.com"],
+        pytest.param("+user@example.com", "+", False, ["+user@example.com", *EXAMPLE_COM],
                      id="leading-delimiter-not-cut"),
-        pytest.param('"user+ext"@example.com', "+", False, ['"user+ext"@example.com', "example.com"],
+        pytest.param('"user+ext"@example.com', "+", False, ['"user+ext"@example.com', *EXAMPLE_COM],
                      id="quoted-local-not-cut"),
-        pytest.param('"John.Doe"@Example.com', "+", True, ['"John.Doe"@example.com', "example.com"],
+        pytest.param('"John.Doe"@Example.com', "+", True, ['"John.Doe"@example.com', *EXAMPLE_COM],
                      id="quoted-local-case-sensitive"),
-        pytest.param("bob@Sub.Example.COM", "+", False, ["bob@sub.example.com", "sub.example.com"],
-                     id="subdomain-no-parent"),
-        pytest.param("Jörg+X@Bücher.DE", "+", False, ["jörg+x@bücher.de", "jörg@bücher.de", "bücher.de"],
-                     id="utf8"),
+        pytest.param("bob@Sub.Example.COM", "+", False, ["bob@sub.example.com", "sub.example.com", ".example.com",
+                                                         ".com"], id="subdomain-then-parents"),
+        pytest.param("Jörg+X@Bücher.DE", "+", False, ["jörg+x@xn--bcher-kva.de", "jörg@xn--bcher-kva.de",
+                                                      "xn--bcher-kva.de", ".de"], id="utf8-a-label-ascii-case-only"),
         pytest.param("user@[192.0.2.1]", "+", False, ["user@[192.0.2.1]", "[192.0.2.1]"], id="address-literal"),
         pytest.param("Postmaster", "+", False, ["postmaster"], id="postmaster-without-domain"),
         pytest.param("example.com", "+", False, ["example.com"], id="domain-only"),
@@ -119,7 +125,7 @@ class CountingStatic(StaticMapping):
 
 
 ADDRESS = "Bob+News@Example.COM"
-FULL, BASE, DOMAIN = "bob+news@example.com", "bob@example.com", "example.com"
+FULL, BASE, DOMAIN, PARENT = "bob+news@example.com", "bob@example.com", "example.com", ".com"
 
 
 @pytest.mark.parametrize(
@@ -160,7 +166,7 @@ def test_later_mapping_answers_after_misses() -> None:
     second = FakeMapping("second", {BASE: R2})
     resolution = Resolver([first, second]).resolve(ADDRESS)
     assert resolution == Resolution(R2, "second", BASE, False)
-    assert first.calls == [FULL, BASE, DOMAIN]
+    assert first.calls == [FULL, BASE, DOMAIN, PARENT]
     assert second.calls == [FULL, BASE]
 
 
@@ -173,7 +179,7 @@ def test_static_default_last() -> None:
 def test_no_mapping_knows_the_recipient() -> None:
     first, second = FakeMapping("a"), FakeMapping("b")
     assert Resolver([first, second]).resolve(ADDRESS) == Resolution(None)
-    assert first.calls == second.calls == [FULL, BASE, DOMAIN]
+    assert first.calls == second.calls == [FULL, BASE, DOMAIN, PARENT]
 
 
 @pytest.mark.parametrize(
@@ -500,26 +506,26 @@ HEADER = "pattern;server;tls_verify\n"
     ("text", "expected"),
     [
         pytest.param(HEADER + "example.com;mx.example.net:2525;false\n",
-                     {"example.com": Route("mx.example.net", 2525, False)}, id="three-columns"),
+                     {"example.com": R("mx.example.net", 2525, False)}, id="three-columns"),
         pytest.param("pattern;server\nexample.com;mx.example.net\n",
-                     {"example.com": Route("mx.example.net", 25, True)}, id="two-column-header"),
-        pytest.param(HEADER + "example.com;mx.example.net\n", {"example.com": Route("mx.example.net", 25, True)},
+                     {"example.com": R("mx.example.net", 25, True)}, id="two-column-header"),
+        pytest.param(HEADER + "example.com;mx.example.net\n", {"example.com": R("mx.example.net", 25, True)},
                      id="two-column-row"),
-        pytest.param(HEADER + "example.com;mx.example.net;\n", {"example.com": Route("mx.example.net", 25, True)},
+        pytest.param(HEADER + "example.com;mx.example.net;\n", {"example.com": R("mx.example.net", 25, True)},
                      id="empty-tls-verify"),
-        pytest.param("Pattern ; Server ; TLS_Verify\n example.com ; mx ; 0 \n", {"example.com": Route("mx", 25, False)},
+        pytest.param("Pattern ; Server ; TLS_Verify\n example.com ; mx ; 0 \n", {"example.com": R("mx", 25, False)},
                      id="header-case-and-spaces"),
         pytest.param("# routing table\n\n   \n" + HEADER + "# a comment\n\nexample.com;mx\n  # indented comment\n",
-                     {"example.com": Route("mx", 25, True)}, id="comments-and-empty-lines"),
-        pytest.param(HEADER.replace("\n", "\r\n") + "example.com;mx\r\n", {"example.com": Route("mx", 25, True)},
+                     {"example.com": R("mx", 25, True)}, id="comments-and-empty-lines"),
+        pytest.param(HEADER.replace("\n", "\r\n") + "example.com;mx\r\n", {"example.com": R("mx", 25, True)},
                      id="crlf-file"),
         pytest.param(HEADER, {}, id="header-only"),
         pytest.param(HEADER + "example.net;[::1]:2526;false\nv6.example;[2001:db8::1]\n",
-                     {"example.net": Route("::1", 2526, False), "v6.example": Route("2001:db8::1", 25, True)},
+                     {"example.net": R("::1", 2526, False), "v6.example": R("2001:db8::1", 25, True)},
                      id="ipv6-servers"),
         pytest.param(HEADER + "User+Tag@Example.COM;mx\nsales@example.com;mx2:26\nExample.ORG;mx3\n",
-                     {"user+tag@example.com": Route("mx", 25, True), "sales@example.com": Route("mx2", 26, True),
-                      "example.org": Route("mx3", 25, True)}, id="patterns-normalized"),
+                     {"user+tag@example.com": R("mx", 25, True), "sales@example.com": R("mx2", 26, True),
+                      "example.org": R("mx3", 25, True)}, id="patterns-normalized"),
     ],
 )
 def test_parse_csv_valid(text: str, expected: dict[str, Route]) -> None:
@@ -532,12 +538,12 @@ def test_parse_csv_valid(text: str, expected: dict[str, Route]) -> None:
      ("false", False), ("False", False), ("no", False), ("off", False), ("0", False)],
 )
 def test_parse_csv_tls_verify(value: str, expected: bool) -> None:
-    assert parse_csv(f"{HEADER}example.com;mx;{value}\n") == {"example.com": Route("mx", 25, expected)}
+    assert parse_csv(f"{HEADER}example.com;mx;{value}\n") == {"example.com": R("mx", 25, expected)}
 
 
 def test_parse_csv_case_sensitive_local() -> None:
     table = parse_csv(HEADER + "User@Example.COM;mx\n", case_sensitive_local=True)
-    assert table == {"User@example.com": Route("mx", 25, True)}
+    assert table == {"User@example.com": R("mx", 25, True)}
     assert normalize_pattern("User@Example.COM", case_sensitive_local=True) == "User@example.com"
     assert normalize_pattern("Example.COM", case_sensitive_local=True) == "example.com"
 
@@ -609,8 +615,8 @@ def make_csv_mapping(routes: CsvFile, clock: Clock, **kwargs: object) -> tuple[C
     return mapping, changes
 
 
-OLD = Route("mx-old.example.net", 25, False)
-NEW = Route("mx-new.example.net", 25, True)
+OLD = R("mx-old.example.net", 25, False)
+NEW = R("mx-new.example.net", 25, True)
 
 
 def test_csv_reloads_changed_file(routes: CsvFile) -> None:
@@ -732,7 +738,7 @@ def test_build_resolver_from_config(tmp_path: Path) -> None:
     resolver = build_resolver(config)
     try:
         assert resolver.resolve("SALES-team@Example.COM").route == NEW
-        assert resolver.resolve("bob@example.com").route == Route("::1", 2526, False)
-        assert resolver.resolve("bob@other.example").route == Route("fallback.example.net", 2525, True)
+        assert resolver.resolve("bob@example.com").route == R("::1", 2526, False)
+        assert resolver.resolve("bob@other.example").route == R("fallback.example.net", 2525, True)
     finally:
         resolver.close()

@@ -378,7 +378,10 @@ def test_client_disconnect_without_quit_closes_upstream(willi, fake_upstream, tm
 @pytest.mark.parametrize("step", ["greeting", "rcpt"])
 def test_upstream_command_timeout_gives_451_442(willi, fake_upstream, tmp_path, step) -> None:
     upstream = fake_upstream(delays={step: 3})
-    cfg = make_config(tmp_path, [static_mapping(upstream.port)], upstream_command_timeout="1s")
+    # The greeting belongs to connecting (upstream_connect_timeout): a server that accepts and never
+    # greets is as good as unreachable, and the next upstream of a route is tried.
+    cfg = make_config(tmp_path, [static_mapping(upstream.port)], upstream_command_timeout="1s",
+                      upstream_connect_timeout="1s")
     w = willi(config=cfg)
     client = w.raw()
     try:

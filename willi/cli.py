@@ -1,20 +1,24 @@
-"""Command line: `willi -c FILE [-f | --check | --lookup ADDRESS... | -V]`.
+"""Command line: `willi -c FILE [-f | --check | --lookup ADDRESS... | --probe ADDRESS [--from SENDER] | -V]`.
 
-Without -f, --check or --lookup Willi starts as a daemon (willi/daemon.py).
+Without -f, --check, --lookup or --probe Willi starts as a daemon
+(willi/daemon.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
 from willi import __version__
-from willi.config import Config, ConfigError, load_config
-from willi.daemon import reload_service, run_daemon, run_foreground
+from willi.config import Config, ConfigError, domain_warning, load_config
+from willi.daemon import run_daemon, run_foreground
 from willi.mappings import build_mapping
 from willi.mappings.base import MappingError
+from willi.privileges import Identity, StartupError, drop_privileges, resolve_identity
+from willi.protocol import AddressError
 from willi.resolver import LookupFailed, build_resolver
 from willi.tls import TlsSetupError, server_context, upstream_contexts
 
@@ -32,10 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
                              "the default is to detach as a daemon")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--check", action="store_true",
-                      help="validate the configuration, load every mapping, then exit")
+                      help="validate the configuration and load every mapping, certificate and key as the "
+                           "configured user, then exit 0 (all well) or 1")
     mode.add_argument("--lookup", metavar="ADDRESS", nargs="+",
-                      help="show which mapping and key route each ADDRESS (and whether the cache answered), "
-                           "like postmap -q")
+                      help="show which mapping and key route each ADDRESS, its upstreams and TLS/XCLIENT policy "
+                           "(and whether the cache answered), like postmap -q")
+    mode.add_argument("--probe", metavar="ADDRESS",
+                      help="route ADDRESS as a transaction would and walk the upstream dialog to RCPT and back "
+                           "(nothing is delivered); exit 0 accepted, 1 refused, 2 temporary failure")
+    parser.add_argument("--from", dest="sender", default="", metavar="SENDER",
+                        help="the MAIL FROM address for --probe (default: the null sender <>)")
     parser.add_argument("-V", "--version", action="version", version=f"willi {__version__}")
     return parser
 
@@ -45,26 +55,87 @@ def fail(message: str, status: int = 1) -> int:
     return status
 
 
+def _as_service_user(config: Config) -> None:
+    """Run the rest as `user` when started as root, as the daemon does after binding."""
+    identity = resolve_identity(config)
+    if identity is not None and os.geteuid() == 0 and identity.uid != 0:
+        drop_privileges(identity)
+
+
 def check(config: Config) -> int:
-    """Load everything a start would load; print one line per part."""
-    print(f"config {config.path}: ok")
-    if config.tls_cert and config.tls_key:
-        server_context(config.tls_cert, config.tls_key)
-        print(f"tls: certificate {config.tls_cert} loaded")
-    upstream_contexts(config.upstream_tls_ca)
+    """Load everything a start (and a reload) would load, as the service user; print one line per part.
+
+    Nothing says "ok" before everything was tried: the verdict is the last
+    line, `check passed` or `check FAILED`. Run as root with `user` set,
+    the checks run in a child process that has dropped to that user, so an
+    unreadable CSV, certificate or key is found here and not at the next
+    SIGHUP.
+    """
+    listen = ", ".join(str(a) for a in config.listen)
+    print(f"config {config.path}: parsed (listen {listen}, workers {config.workers})")
+    try:
+        identity = resolve_identity(config)
+    except ConfigError as exc:
+        return fail(f"check FAILED: {exc}")
+    if identity is not None and os.geteuid() == 0 and identity.uid != 0:
+        sys.stdout.flush()
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                drop_privileges(identity)
+                status = _check_parts(config, identity)
+            except StartupError as exc:
+                fail(str(exc))
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(status)
+        _, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status)
+    return _check_parts(config, identity)
+
+
+def _check_parts(config: Config, identity: Identity | None) -> int:
+    who = f"user {identity.user}" if identity else f"uid {os.geteuid()} (no user set)"
+    print(f"checking as {who}")
     failures = 0
+
+    def problem(text: str) -> None:
+        nonlocal failures
+        failures += 1
+        print(f"willi: {text}" + (f" (as user {identity.user})" if identity else ""), file=sys.stderr)
+
+    if config.tls_cert and config.tls_key:
+        try:
+            server_context(config.tls_cert, config.tls_key)
+            print(f"tls: certificate {config.tls_cert} and key {config.tls_key} loaded")
+        except TlsSetupError as exc:
+            problem(str(exc))
+    try:
+        upstream_contexts(config.upstream_tls_ca)
+        if config.upstream_tls_ca:
+            print(f"upstream_tls_ca {config.upstream_tls_ca} loaded")
+    except TlsSetupError as exc:
+        problem(str(exc))
     for index, mapping_config in enumerate(config.mappings):
         mapping = build_mapping(mapping_config, index, case_sensitive_local=config.local_part_case_sensitive)
         try:
             print(f"mappings[{index}] {mapping.check()}")
         except MappingError as exc:
-            failures += 1
-            print(f"willi: mappings[{index}] {exc}", file=sys.stderr)
+            problem(f"mappings[{index}] {exc}")
         finally:
             mapping.close()
-    listen = ", ".join(str(a) for a in config.listen)
-    print(f"listen: {listen}")
-    return 1 if failures else 0
+    if (warning := domain_warning(config)) is not None:
+        print(f"warning: {warning}", file=sys.stderr)
+    if config.metrics_listen is not None:
+        print(f"metrics: http://{config.metrics_listen}/metrics "
+              f"(quick look: curl -s {config.metrics_listen}/metrics | grep willi_transactions)")
+    if failures:
+        print(f"willi: check FAILED: {failures} problem{'s' if failures > 1 else ''}", file=sys.stderr)
+        return 1
+    print("check passed")
+    return 0
 
 
 def lookup(config: Config, addresses: Sequence[str]) -> int:
@@ -78,9 +149,13 @@ def lookup(config: Config, addresses: Sequence[str]) -> int:
     status = 0
     try:
         for address in addresses:
-            print(f"{address}: keys tried in order: {', '.join(resolver.keys(address))}")
             try:
+                print(f"{address}: keys tried in order: {', '.join(resolver.keys(address))}")
                 resolution = resolver.resolve(address)
+            except AddressError as exc:
+                print(f"willi: {address}: {exc} (a client would get 553 5.1.3)", file=sys.stderr)
+                status = max(status, 1)
+                continue
             except LookupFailed as exc:
                 print(f"willi: {exc}", file=sys.stderr)
                 status = 2
@@ -91,10 +166,21 @@ def lookup(config: Config, addresses: Sequence[str]) -> int:
                 continue
             route = resolution.route
             print(f"{address}: mapping={resolution.mapping} key={resolution.key} server={route.endpoint} "
-                  f"tls_verify={str(route.tls_verify).lower()} cached={'yes' if resolution.cached else 'no'}")
+                  f"tls_verify={str(route.tls_verify).lower()} {route.describe_tls(config.upstream_starttls)} "
+                  f"xclient={route.xclient or config.xclient} cached={'yes' if resolution.cached else 'no'}")
         return status
     finally:
         resolver.close()
+
+
+def probe(config: Config, address: str, sender: str) -> int:
+    from willi.probe import Probe
+
+    try:
+        _as_service_user(config)
+    except StartupError as exc:
+        return fail(str(exc))
+    return Probe(config).run(address, sender)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -108,14 +194,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return check(config)
         if args.lookup:
             return lookup(config, args.lookup)
-    except (MappingError, TlsSetupError) as exc:
+        if args.probe:
+            return probe(config, args.probe, args.sender)
+    except (MappingError, TlsSetupError, ConfigError) as exc:
         return fail(str(exc))
     if args.foreground:
         return run_foreground(config)
     return run_daemon(config)
 
 
-__all__ = ["build_parser", "check", "lookup", "main", "reload_service", "run_daemon", "run_foreground"]
+__all__ = ["build_parser", "check", "lookup", "main", "probe", "run_daemon", "run_foreground"]
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import re
 import socket
 from dataclasses import dataclass, field
@@ -17,14 +18,18 @@ from typing import Any, Callable, Union
 
 import toml
 
-from willi.route import Route, RouteSyntaxError, make_route
+from willi.address import KEY_KINDS
+from willi.route import Route, RouteSyntaxError, make_route, parse_tls_level
 from willi.sqlquery import placeholder_count
 
 LOGLEVELS = ("debug", "info", "warning", "error")
 STARTTLS_POLICIES = ("always", "client", "never")
 BARE_NEWLINE_POLICIES = ("normalize", "reject")
 MAPPING_TYPES = ("static", "csv", "sql")
-KEY_KINDS = ("full", "base", "domain")
+#: Keys whose values are never shown, whatever their type (design.md, Logging).
+SECRET_KEYS = frozenset({"password"})
+#: The PROXY header timeout may not be shorter than this (HAProxy's doc/proxy-protocol.txt asks for 3 s).
+MIN_PROXY_TIMEOUT = 3.0
 
 
 class ConfigError(Exception):
@@ -53,6 +58,7 @@ class ListenAddress:
 class StaticMappingConfig:
     route: Route
     keys: tuple[str, ...] = KEY_KINDS
+    xclient: str | None = None
     type: str = "static"
 
 
@@ -61,6 +67,7 @@ class CsvMappingConfig:
     file: Path
     reload_interval: float = 5.0
     keys: tuple[str, ...] = KEY_KINDS
+    xclient: str | None = None
     type: str = "csv"
 
 
@@ -83,6 +90,7 @@ class SqlMappingConfig:
     read_timeout: float = 5.0
     pool_size: int = 8
     keys: tuple[str, ...] = KEY_KINDS
+    xclient: str | None = None
     type: str = "sql"
 
 
@@ -117,8 +125,22 @@ class Config:
     upstream_connect_timeout: float = 15.0
     upstream_command_timeout: float = 30.0
     upstream_data_timeout: float = 300.0
-    xclient: bool = True
+    upstream_reuse: bool = True
+    upstream_idle_timeout: float = 30.0
+    upstream_max_transactions: int = 100
+    upstream_down_time: float = 30.0
+    upstream_address_limit: int = 5
+    xclient: str = "on"
     client_name_lookup: bool = True
+    allow_untrusted_routing: bool = False
+    stress_read_timeout: float = 10.0
+    min_data_rate: int = 500
+    max_junk_commands: int = 100
+    workers: int = 1
+    listen_backlog: int = 4096
+    proxy_protocol_hosts: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    proxy_protocol_timeout: float = 5.0
+    metrics_listen: ListenAddress | None = None
     cache_positive_ttl: float = 300.0
     cache_negative_ttl: float = 60.0
     cache_max_entries: int = 10000
@@ -206,7 +228,7 @@ class _Reader:
         if isinstance(value, bool) and bool not in kinds:
             raise self.fail(name, f"expected {_kind_name(kind)}, got a boolean")
         if not isinstance(value, kind):
-            raise self.fail(name, f"expected {_kind_name(kind)}, got {type(value).__name__} {value!r}")
+            raise self.fail(name, f"expected {_kind_name(kind)}, got {_describe(name, value)}")
         return value
 
     def convert(self, name: str, parser: Callable[[Any], Any], default: Any) -> Any:
@@ -245,6 +267,18 @@ class _Reader:
             raise self.fail(name, "unknown key (check the spelling against willi.toml.example)")
 
 
+def _describe(name: str, value: object) -> str:
+    """How a wrong value is shown in an error: its type and value, never a secret's value."""
+    if name in SECRET_KEYS:
+        return f"{type(value).__name__} (the value of a secret is not shown)"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _safe_toml_message(message: str) -> str:
+    """The TOML parser quotes offending text, which may be a password: drop every quoted part."""
+    return re.sub(r"'[^']*'|\"[^\"]*\"", "'...'", message)
+
+
 def _kind_name(kind: type | tuple[type, ...]) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
     names = {str: "a string", int: "a number", float: "a number", bool: "true or false",
@@ -270,7 +304,8 @@ def parse_config(text: str, path: str = "<string>", base: Path | None = None) ->
     try:
         data = toml.loads(text)
     except toml.TomlDecodeError as exc:
-        raise ConfigError(path, "", f"TOML syntax error at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+        raise ConfigError(path, "", f"TOML syntax error at line {exc.lineno}, column {exc.colno}: "
+                                    f"{_safe_toml_message(exc.msg)}") from None
     r = _Reader(path, data)
     values: dict[str, Any] = {}
     values["loglevel"] = r.choice("loglevel", LOGLEVELS, "info")
@@ -294,11 +329,24 @@ def parse_config(text: str, path: str = "<string>", base: Path | None = None) ->
             raise r.fail("domain", f"not a host name: {domain!r}")
         values["domain"] = domain
     for name in ("read_timeout", "write_timeout", "upstream_connect_timeout", "upstream_command_timeout",
-                 "upstream_data_timeout", "cache_positive_ttl", "cache_negative_ttl", "shutdown_timeout"):
+                 "upstream_data_timeout", "cache_positive_ttl", "cache_negative_ttl", "shutdown_timeout",
+                 "stress_read_timeout", "upstream_idle_timeout", "upstream_down_time", "proxy_protocol_timeout"):
         values[name] = r.convert(name, parse_duration, Config.__dataclass_fields__[name].default)
+    if values["proxy_protocol_timeout"] < MIN_PROXY_TIMEOUT:
+        raise r.fail("proxy_protocol_timeout", f"must be at least {MIN_PROXY_TIMEOUT:g}s (HAProxy's specification)")
     values["max_message_bytes"] = r.convert("max_message_bytes", parse_size, Config.max_message_bytes)
-    for name in ("max_recipients", "max_connections", "max_connections_per_ip", "max_errors", "cache_max_entries"):
+    for name in ("max_recipients", "max_connections", "max_connections_per_ip", "max_errors", "cache_max_entries",
+                 "min_data_rate", "max_junk_commands", "upstream_max_transactions", "upstream_address_limit",
+                 "listen_backlog"):
         values[name] = r.positive_int(name, Config.__dataclass_fields__[name].default)
+    values["workers"] = _parse_workers(r)
+    values["proxy_protocol_hosts"] = _parse_networks(r, "proxy_protocol_hosts")
+    metrics = r.take("metrics_listen", str, "")
+    if metrics:
+        try:
+            values["metrics_listen"] = parse_listen(metrics)
+        except ValueError as exc:
+            raise r.fail("metrics_listen", str(exc)) from None
     values["max_command_line"] = r.positive_int("max_command_line", Config.max_command_line)
     if values["max_command_line"] < 512:
         raise r.fail("max_command_line", "must be at least 512 (RFC 5321 4.5.3.1.4)")
@@ -306,8 +354,10 @@ def parse_config(text: str, path: str = "<string>", base: Path | None = None) ->
     if any(c in delimiter for c in "@\"<> \t\\"):
         raise r.fail("recipient_delimiter", f"characters not allowed as delimiters: {delimiter!r}")
     values["recipient_delimiter"] = delimiter
-    for name in ("local_part_case_sensitive", "smtputf8", "xclient", "client_name_lookup"):
+    for name in ("local_part_case_sensitive", "smtputf8", "client_name_lookup", "allow_untrusted_routing",
+                 "upstream_reuse"):
         values[name] = r.take(name, bool, Config.__dataclass_fields__[name].default)
+    values["xclient"] = _parse_xclient(r) or Config.xclient
     values["tls_cert"] = r.filepath("tls_cert", base)
     values["tls_key"] = r.filepath("tls_key", base)
     if bool(values["tls_cert"]) != bool(values["tls_key"]):
@@ -347,14 +397,20 @@ def _parse_mapping(path: str, index: int, table: object, base: Path) -> MappingC
     if kind not in MAPPING_TYPES:
         raise r.fail("type", f"must be one of {', '.join(repr(t) for t in MAPPING_TYPES)}, not {kind!r}")
     keys = _parse_keys(r)
+    xclient = _parse_xclient(r)
     result: MappingConfig
     if kind == "static":
         server = r.take("server", str, None)
         if not server:
             raise r.fail("server", "missing; a static mapping needs server = \"host[:port]\"")
         tls_verify = r.take("tls_verify", bool, True)
+        tls = r.take("tls", str, None)
         try:
-            result = StaticMappingConfig(route=make_route(server, tls_verify))
+            parse_tls_level(tls)
+        except RouteSyntaxError as exc:
+            raise r.fail("tls", str(exc)) from None
+        try:
+            result = StaticMappingConfig(route=make_route(server, tls_verify, tls, xclient))
         except RouteSyntaxError as exc:
             raise r.fail("server", str(exc)) from None
     elif kind == "csv":
@@ -366,7 +422,55 @@ def _parse_mapping(path: str, index: int, table: object, base: Path) -> MappingC
     else:
         result = _parse_sql(r, base)
     r.finish()
-    return dataclasses.replace(result, keys=keys)
+    return dataclasses.replace(result, keys=keys, xclient=xclient)
+
+
+def _parse_xclient(r: _Reader) -> str | None:
+    """`xclient = true | false | "required"` -> "on" | "off" | "required"; None when absent."""
+    value = r.take("xclient", (bool, str), None)
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value != "required":
+        raise r.fail("xclient", f"must be true, false or \"required\", not {value!r}")
+    return value
+
+
+def _parse_workers(r: _Reader) -> int:
+    """`workers = N` or "auto" (one per CPU this process may run on)."""
+    value = r.take("workers", (int, str), 1)
+    if value == "auto":
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except (AttributeError, OSError):
+            return max(1, os.cpu_count() or 1)
+    if isinstance(value, str) or value <= 0:
+        raise r.fail("workers", f"must be a positive number or \"auto\", not {value!r}")
+    return value
+
+
+def _parse_networks(r: _Reader, name: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """Addresses and CIDR networks, IPv4 or IPv6: `["10.0.0.0/8", "127.0.0.1", "::1"]`."""
+    items = r.take(name, list, [])
+    networks = []
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise ConfigError(r.path, f"{r.key(name)}[{i}]", f"expected an address or network, got {item!r}")
+        try:
+            networks.append(ipaddress.ip_network(item.strip().strip("[]"), strict=False))
+        except ValueError as exc:
+            raise ConfigError(r.path, f"{r.key(name)}[{i}]", str(exc)) from None
+    return tuple(networks)
+
+
+def domain_warning(config: Config) -> str | None:
+    """A warning when Willi would greet and EHLO as a name that is not a dotted host name."""
+    if "." in config.domain.strip(".") and not config.domain.startswith("localhost"):
+        return None
+    return (f"the effective domain is {config.domain!r}, not a fully qualified name: Willi greets clients and "
+            f"says EHLO to upstreams with it, and both distrust such names; set domain = \"mx.example.com\" "
+            f"in {config.path}")
 
 
 def _parse_keys(r: _Reader) -> tuple[str, ...]:

@@ -1,74 +1,62 @@
-"""Running Willi: as a classic daemon (the default) or in the foreground (`-f`).
+"""Starting Willi: as a classic daemon (the default) or in the foreground (`-f`).
 
-Daemon start-up, in the order a postmaster's mistakes are found. Every step
-up to "ready" reports its error on the starting terminal (or to systemd)
-with a non-zero exit status:
+Start-up, in the order a postmaster's mistakes are found. Every step up to
+"ready" reports its error on the starting terminal (or to systemd) with a
+non-zero exit status:
 
 1. the configuration is loaded (`cli.main`);
 2. `user` / `group` are resolved; the pidfile is checked: a live Willi
    holding it refuses the start, a stale one is replaced;
-3. TLS material is loaded and every listening socket is bound, as root, so
+3. every listening socket (and the metrics listener) is bound, as root, so
    port 25 works; the log file is opened (as root; a new one is given to the
    user) and the pidfile's directory is created (owned by the user);
-4. fork: the starting process waits on a pipe for the daemon's verdict. The
-   daemon calls setsid(), forks again, writes and locks the pidfile (still
-   root), drops to `user`/`group` (initgroups, setgid, setuid), then
-   python-daemon's DaemonContext sets cwd `/`, umask 027, closes every file
-   descriptor except the listening sockets, the log file, the pidfile and
-   the pipe, and points the standard streams at /dev/null;
-5. logging moves to syslog (or `logfile`); mappings and TLS files are loaded
-   again, as the unprivileged user (what a SIGHUP reload will do), and the
-   listeners start. Only then does the daemon send "ready", and the starting
-   process exits 0: with systemd's Type=forking the service is up exactly when
-   the port accepts and the pidfile names the daemon.
-
-Signals only set flags (`Signals`); the main thread acts on them in `serve`:
-SIGTERM/SIGINT stop gracefully, SIGHUP reloads, SIGUSR1 reopens the log file.
-
-The pidfile is locked (flock) for the daemon's lifetime: a locked pidfile is
-"held", an unlocked one is stale whatever PID it names, unless that PID is a
-running Willi (one started before this scheme). It is written as root and
-removed at exit by the unprivileged daemon, which works when the daemon
-created the directory (it then belongs to `user`); in a root-owned directory
-(systemd's RuntimeDirectory) the file is emptied instead and systemd removes
-it with the directory.
+4. daemon only: fork; the starting process waits on a pipe for the daemon's
+   verdict. The daemon calls setsid(), forks again, writes and locks the
+   pidfile (still root), drops to `user`/`group`, then python-daemon's
+   DaemonContext sets cwd `/`, umask 027, closes every other descriptor and
+   points the standard streams at /dev/null; logging moves to syslog (or
+   `logfile`);
+5. the mappings and TLS files are loaded as the unprivileged user (what a
+   SIGHUP reload will do), by this process or, with `workers` > 1, by each
+   forked worker, which reports back. Only when every worker serves does the
+   daemon say "ready", and the starting process exits 0: with systemd's
+   Type=forking the service is up exactly when the port accepts mail and the
+   pidfile names the daemon (the supervising parent).
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
-import grp
 import logging
 import os
-import pwd
 import select
-import signal
-import stat
+import shutil
+import socket
 import sys
-from dataclasses import dataclass
-from pathlib import Path
+import tempfile
+from collections.abc import Callable
 
 import daemon as python_daemon
 
-from willi import __version__
-from willi.config import Config, ConfigError, load_config
-from willi.log import ReopenableFileHandler, reopen_log_files, setup_logging
+from willi import __version__, metrics
+from willi.config import Config, ConfigError, domain_warning
+from willi.limits import SharedLimits
+from willi.log import ReopenableFileHandler, setup_logging
 from willi.mappings.base import MappingError
-from willi.server import Runtime, WilliService
+from willi.pidfile import PidFile, prepare_directory
+from willi.privileges import Identity, StartupError, drop_privileges, resolve_identity, root_warning
+from willi.runtime import Runtime
+from willi.server import WilliService
+from willi.signals import Signals
+from willi.supervisor import Supervisor, reload_service, serve_single
 from willi.tls import TlsSetupError
 
 log = logging.getLogger("willi")
 
-#: Settings read only at start; a reload that changes them says so.
-RESTART_KEYS = ("listen", "user", "group", "pidfile", "logfile", "syslog_facility")
 #: How long the starting process waits for the daemon's verdict.
-STARTUP_TIMEOUT = 60.0
-STARTUP_ERRORS = (ConfigError, OSError, MappingError, TlsSetupError)
+STARTUP_TIMEOUT = 90.0
+STARTUP_ERRORS = (ConfigError, OSError, MappingError, TlsSetupError, RuntimeError)
 
-
-class StartupError(Exception):
-    """Willi cannot start; the text is for the operator."""
+__all__ = ["reload_service", "run_daemon", "run_foreground", "startup_warnings"]
 
 
 def fail(message: str, status: int = 1) -> int:
@@ -76,197 +64,13 @@ def fail(message: str, status: int = 1) -> int:
     return status
 
 
-# -- who we run as ---------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Identity:
-    """The account the daemon drops to."""
-
-    user: str
-    uid: int
-    group: str
-    gid: int
-
-
-def resolve_identity(config: Config) -> Identity | None:
-    """The configured `user`/`group`, or None to stay who we are."""
-    if not config.user:
-        if config.group:
-            raise ConfigError(config.path, "group", "is set but user is not; set user as well")
-        return None
-    try:
-        pw = pwd.getpwnam(config.user)
-    except KeyError:
-        raise ConfigError(config.path, "user", f"no such user {config.user!r}") from None
-    if config.group:
-        try:
-            gid = grp.getgrnam(config.group).gr_gid
-        except KeyError:
-            raise ConfigError(config.path, "group", f"no such group {config.group!r}") from None
-        group = config.group
-    else:
-        gid = pw.pw_gid
-        try:
-            group = grp.getgrgid(gid).gr_name
-        except KeyError:
-            group = str(gid)
-    if os.geteuid() != 0 and (pw.pw_uid != os.geteuid() or gid != os.getegid()):
-        raise ConfigError(config.path, "user", f"willi runs as uid {os.geteuid()}, not root, so it cannot "
-                          f"switch to {config.user}:{group}; start it as root or remove user/group")
-    return Identity(config.user, pw.pw_uid, group, gid)
-
-
-def root_warning(config: Config, identity: Identity | None) -> str | None:
-    if os.geteuid() == 0 and (identity is None or identity.uid == 0):
-        return (f"running as root: set user (and group) in {config.path} so that willi drops root "
-                "privileges after binding its ports")
-    return None
-
-
 def startup_warnings(config: Config, identity: Identity | None) -> list[str]:
     """What the operator should hear about, though the daemon can run."""
-    warnings = [w for w in (root_warning(config, identity),) if w]
-    if config.logfile is None and not Path("/dev/log").exists():
+    warnings = [w for w in (root_warning(config, identity), domain_warning(config)) if w]
+    if config.logfile is None and not os.path.exists("/dev/log"):
         warnings.append("no logfile is set and there is no /dev/log: log messages go to syslog "
                         "over UDP to localhost:514")
     return warnings
-
-
-def drop_privileges(identity: Identity | None) -> None:
-    """initgroups, setgid, setuid; then prove root cannot be regained."""
-    if identity is None or os.geteuid() != 0 or identity.uid == 0:
-        return
-    try:
-        os.initgroups(identity.user, identity.gid)
-        os.setgid(identity.gid)
-        os.setuid(identity.uid)
-    except OSError as exc:
-        raise StartupError(f"cannot switch to {identity.user}:{identity.group}: {exc.strerror}") from None
-    if os.geteuid() != identity.uid or os.getegid() != identity.gid:
-        raise StartupError(f"switching to {identity.user}:{identity.group} did not take effect")
-    try:
-        os.setuid(0)
-    except PermissionError:
-        return
-    raise StartupError("root privileges could be regained after dropping them; refusing to run")
-
-
-# -- the pidfile -----------------------------------------------------------
-
-
-def _parse_pid(data: bytes) -> int | None:
-    text = data.decode("ascii", "replace").strip()
-    return int(text) if text.isdigit() and int(text) > 0 else None
-
-
-def _is_running_willi(pid: int) -> bool:
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return True  # no /proc: trust kill()
-    return b"willi" in cmdline and state != "Z"
-
-
-class PidFile:
-    """A pidfile locked with flock() while its daemon lives."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.fd: int | None = None
-
-    def _open(self, flags: int) -> int:
-        """Open without following a symlink or blocking on a FIFO; only a plain file will do."""
-        fd = os.open(self.path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-            os.close(fd)
-            raise StartupError(f"pidfile {self.path} is not a plain file; remove it")
-        return fd
-
-    def holder(self) -> int | None:
-        """The PID of the running Willi that holds the pidfile; None when absent or stale."""
-        try:
-            fd = self._open(os.O_RDONLY)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise StartupError(f"pidfile {self.path} is a symbolic link; remove it") from None
-            raise StartupError(f"cannot read pidfile {self.path}: {exc.strerror}") from None
-        try:
-            pid = _parse_pid(os.read(fd, 64))
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return pid or -1
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
-        if pid is not None and _is_running_willi(pid):
-            return pid
-        return None
-
-    def refusal(self, pid: int) -> str:
-        shown = f"pid {pid}" if pid > 0 else "pid unknown"
-        return f"pidfile {self.path} is held by a running willi ({shown}); stop it first"
-
-    def acquire(self) -> None:
-        """Create or take over the file, lock it and write our PID."""
-        try:
-            fd = self._open(os.O_RDWR | os.O_CREAT)
-        except OSError as exc:
-            raise StartupError(f"cannot write pidfile {self.path}: {exc.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = _parse_pid(os.pread(fd, 64, 0)) or -1
-            os.close(fd)
-            raise StartupError(self.refusal(pid)) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        os.fchmod(fd, 0o644)
-        self.fd = fd
-
-    def release(self) -> None:
-        """Remove the file if it is still ours; empty it when the directory forbids that."""
-        if self.fd is None:
-            return
-        fd, self.fd = self.fd, None
-        try:
-            if os.path.samestat(os.stat(self.path, follow_symlinks=False), os.fstat(fd)):
-                try:
-                    os.unlink(self.path)
-                except PermissionError:
-                    os.ftruncate(fd, 0)
-                    log.info("pidfile %s emptied, not removed: its directory is not writable by uid %d",
-                             self.path, os.geteuid())
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-
-
-def prepare_directory(config: Config, identity: Identity | None) -> None:
-    """Create the pidfile's directory when missing, owned by the daemon's user."""
-    directory = config.pidfile.parent
-    if directory.is_dir():
-        return
-    try:
-        directory.mkdir(mode=0o755, parents=True)
-        if identity is not None and os.geteuid() == 0:
-            os.chown(directory, identity.uid, identity.gid)
-    except OSError as exc:
-        raise ConfigError(config.path, "pidfile", f"cannot create directory {directory}: {exc.strerror}") from None
 
 
 def open_logfile(config: Config, identity: Identity | None) -> ReopenableFileHandler | None:
@@ -283,159 +87,75 @@ def open_logfile(config: Config, identity: Identity | None) -> ReopenableFileHan
     return handler
 
 
-# -- signals ---------------------------------------------------------------
+def bind(config: Config) -> tuple[WilliService, socket.socket | None]:
+    """Every listener, and the metrics listener, bound now (as root); nothing loaded yet."""
+    service = WilliService(config, limits=SharedLimits(config.workers, config.max_connections), load=False)
+    service.bind()
+    listener = None
+    if config.metrics_listen is not None:
+        address = config.metrics_listen
+        try:
+            listener = socket.create_server((address.host, address.port), family=address.family,
+                                            reuse_port=False)
+        except OSError as exc:
+            service.close()
+            raise OSError(exc.errno, f"cannot listen on {address} (metrics_listen): {exc.strerror}") from None
+    return service, listener
 
 
-class Signals:
-    """Handlers that only set flags and wake the main thread through a pipe."""
+def begin_serving(service: WilliService, config: Config, path: str, signals: Signals,
+                  metrics_listener: socket.socket | None) -> Callable[[], int]:
+    """As the service user: load and start (this process, or the workers); the main loop to run."""
+    cleanup: list[Callable[[], None]] = []
+    if config.metrics_listen is not None:
+        if config.workers > 1:
+            directory = tempfile.mkdtemp(prefix="willi-metrics-")
+            metrics.prepare_multiprocess(directory)
+            cleanup.append(lambda: shutil.rmtree(directory, ignore_errors=True))
+        else:
+            metrics.enable()
+    if config.workers > 1:
+        supervisor = Supervisor(service, path, config, signals, metrics_listener)
+        supervisor.start()
+        main = supervisor.run
+    else:
+        service.install(Runtime.load(config))
+        service.start()
 
-    def __init__(self) -> None:
-        self.stop = 0  # the signal number that asked for the stop
-        self.reload = False
-        self.reopen = False
-        self._pipe: tuple[int, int] | None = None
+        def main() -> int:
+            return serve_single(service, path, config, signals, metrics_listener)
 
-    def _on_stop(self, signum: int, frame: object) -> None:
-        self.stop = self.stop or signum
+    def run() -> int:
+        try:
+            return main()
+        finally:
+            for step in cleanup:
+                step()
 
-    def _on_reload(self, signum: int, frame: object) -> None:
-        self.reload = True
-
-    def _on_reopen(self, signum: int, frame: object) -> None:
-        self.reopen = True
-
-    def handlers(self) -> dict[int, object]:
-        return {signal.SIGTERM: self._on_stop, signal.SIGINT: self._on_stop,
-                signal.SIGHUP: self._on_reload, signal.SIGUSR1: self._on_reopen}
-
-    def signal_map(self) -> dict[int, object]:
-        """For DaemonContext: ours, and job-control signals ignored (None)."""
-        return {**self.handlers(), signal.SIGTSTP: None, signal.SIGTTIN: None, signal.SIGTTOU: None}
-
-    def install(self) -> None:
-        for signum, handler in self.handlers().items():
-            signal.signal(signum, handler)  # type: ignore[arg-type]
-        self.arm()
-
-    def arm(self) -> None:
-        """A wakeup fd makes `wait` return as soon as a signal arrives."""
-        if self._pipe is None:
-            r, w = os.pipe()
-            os.set_blocking(r, False)
-            os.set_blocking(w, False)
-            self._pipe = (r, w)
-            signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-
-    def wait(self, timeout: float) -> None:
-        """Sleep until a signal arrives or `timeout` passes (main thread only)."""
-        self.arm()
-        if self.stop or self.reload or self.reopen:
-            return
-        assert self._pipe is not None
-        readable, _, _ = select.select([self._pipe[0]], [], [], timeout)
-        if readable:
-            try:
-                while os.read(self._pipe[0], 512):
-                    pass
-            except BlockingIOError:
-                pass
-
-
-# -- serving ---------------------------------------------------------------
-
-
-def build_runtime(config: Config) -> Runtime:
-    """Load TLS files and every mapping (a CSV must parse) as the current user."""
-    runtime = Runtime.build(config)
-    try:
-        for mapping in runtime.resolver.mappings:
-            mapping.refresh()
-    except MappingError:
-        runtime.close()
-        raise
-    return runtime
-
-
-def reload_service(service: WilliService, path: str, started: Config | None = None) -> bool:
-    """SIGHUP: load the file again; on any error keep the running configuration.
-
-    `started` is the configuration the process started with, to report
-    settings that only a restart applies.
-    """
-    try:
-        config = load_config(path)
-        runtime = build_runtime(config)
-    except STARTUP_ERRORS as exc:
-        log.error("reload failed, keeping the running configuration: %s", exc)
-        return False
-    except Exception:
-        log.exception("reload failed, keeping the running configuration")
-        return False
-    base = started or service.config
-    for key in RESTART_KEYS:
-        old, new = getattr(base, key), getattr(config, key)
-        if old != new:
-            shown_old = ", ".join(map(str, old)) if key == "listen" else old
-            shown_new = ", ".join(map(str, new)) if key == "listen" else new
-            log.warning("reload: %s changed (%s -> %s); this takes effect only after a restart",
-                        key, shown_old or '""', shown_new or '""')
-    service.reload(runtime)
-    logging.getLogger("willi").setLevel(config.loglevel.upper())
-    log.info("configuration reloaded from %s", path)
-    return True
-
-
-def serve(service: WilliService, path: str, started: Config, signals: Signals) -> int:
-    """The main thread's loop: act on the flags the signal handlers set."""
-    while True:
-        signals.wait(5.0)
-        if signals.stop:
-            timeout = service.config.shutdown_timeout
-            log.info("%s: stopping; no new connections, transactions in flight may take up to %gs",
-                     signal.Signals(signals.stop).name, timeout)
-            service.stop(timeout)
-            log.info("stopped")
-            return 0
-        if signals.reopen:
-            signals.reopen = False
-            for filename, error in reopen_log_files():
-                if error is None:
-                    log.info("SIGUSR1: log file %s reopened", filename)
-                else:
-                    log.error("SIGUSR1: cannot reopen log file %s, still writing to the old one: %s",
-                              filename, error.strerror)
-        if signals.reload:
-            signals.reload = False
-            reload_service(service, path, started)
-
-
-def _replace_runtime(service: WilliService, config: Config) -> None:
-    """Load mappings and TLS again as the user that will serve (and reload) them."""
-    service.reload(build_runtime(config))  # closes the old runtime once no session uses it
+    return run
 
 
 def run_foreground(config: Config) -> int:
-    """`-f`: log to stderr, no pidfile; still binds as root and drops to `user`."""
+    """`-f`: log to stderr, no pidfile; still binds as root, drops to `user`, runs the workers."""
     setup_logging(config.loglevel)
     path = os.path.abspath(config.path)
-    signals = Signals()
+    signals = Signals(children=config.workers > 1)
     signals.install()  # before the port opens: a signal from then on is never fatal
     service: WilliService | None = None
     try:
         identity = resolve_identity(config)
-        service = WilliService(config)
-        service.bind()
+        service, metrics_listener = bind(config)
         drop_privileges(identity)
-        _replace_runtime(service, config)
+        for warning in startup_warnings(config, identity):
+            log.warning("%s", warning)
+        main = begin_serving(service, config, path, signals, metrics_listener)
     except (*STARTUP_ERRORS, StartupError) as exc:
         if service is not None:
             service.close()
         return fail(str(exc))
-    if warning := root_warning(config, identity):
-        log.warning("%s", warning)
-    service.start()
-    log.info("willi %s started in the foreground, pid %d", __version__, os.getpid())
-    return serve(service, path, config, signals)
+    log.info("willi %s started in the foreground, pid %d, %d worker%s", __version__, os.getpid(), config.workers,
+             "" if config.workers == 1 else "s")
+    return main()
 
 
 # -- the daemon ------------------------------------------------------------
@@ -499,8 +219,7 @@ def run_daemon(config: Config) -> int:
         holder = pidfile.holder()
         if holder is not None:
             raise StartupError(pidfile.refusal(holder))
-        service = WilliService(config)
-        service.bind()
+        service, metrics_listener = bind(config)
         log_handler = open_logfile(config, identity)
         prepare_directory(config, identity)
     except (*STARTUP_ERRORS, StartupError) as exc:
@@ -517,6 +236,8 @@ def run_daemon(config: Config) -> int:
     if child:
         os.close(write_fd)
         service.close()
+        if metrics_listener is not None:
+            metrics_listener.close()
         if log_handler is not None:
             log_handler.close()
         os.waitpid(child, 0)
@@ -530,19 +251,21 @@ def run_daemon(config: Config) -> int:
     except OSError as exc:
         status.send("error", f"cannot detach: {exc.strerror}")
         os._exit(1)
-    return _daemon_main(config, path, service, identity, pidfile, log_handler, warnings, status)
+    return _daemon_main(config, path, service, metrics_listener, identity, pidfile, log_handler, warnings, status)
 
 
-def _daemon_main(config: Config, path: str, service: WilliService, identity: Identity | None,
-                 pidfile: PidFile, log_handler: ReopenableFileHandler | None, warnings: list[str],
-                 status: _StatusPipe) -> int:
+def _daemon_main(config: Config, path: str, service: WilliService, metrics_listener: socket.socket | None,
+                 identity: Identity | None, pidfile: PidFile, log_handler: ReopenableFileHandler | None,
+                 warnings: list[str], status: _StatusPipe) -> int:
     """In the detached process: pidfile, privilege drop, DaemonContext, logging, serve."""
-    signals = Signals()
+    signals = Signals(children=config.workers > 1)
     try:
         pidfile.acquire()
         drop_privileges(identity)
         preserve: list[object] = [srv.socket for srv in service.servers]
-        preserve += [pidfile.fd, status.fd]
+        preserve += [pidfile.fd, status.fd, *service.preserved_fds()]
+        if metrics_listener is not None:
+            preserve.append(metrics_listener)
         if log_handler is not None:
             preserve.append(log_handler.stream)
         context = python_daemon.DaemonContext(
@@ -555,9 +278,8 @@ def _daemon_main(config: Config, path: str, service: WilliService, identity: Ide
             setup_logging(config.loglevel, target="syslog", facility=config.syslog_facility)
         for warning in warnings:
             log.warning("%s", warning)
-        _replace_runtime(service, config)
         signals.arm()
-        service.start()
+        main = begin_serving(service, config, path, signals, metrics_listener)
     except BaseException as exc:
         text = str(exc) if isinstance(exc, (*STARTUP_ERRORS, StartupError)) else f"{type(exc).__name__}: {exc}"
         if log.handlers:
@@ -568,12 +290,12 @@ def _daemon_main(config: Config, path: str, service: WilliService, identity: Ide
         service.close()
         return 1
     who = f"{identity.user}:{identity.group}" if identity else f"uid {os.getuid()}"
-    log.info("willi %s started as a daemon, pid %d, running as %s, pidfile %s",
-             __version__, os.getpid(), who, config.pidfile)
+    log.info("willi %s started as a daemon, pid %d, running as %s, pidfile %s, %d worker%s", __version__,
+             os.getpid(), who, config.pidfile, config.workers, "" if config.workers == 1 else "s")
     status.send("ready", str(os.getpid()))
     status.close()
     try:
-        return serve(service, path, config, signals)
+        return main()
     except Exception:
         log.exception("unexpected error in the main loop; stopping")
         service.stop(2.0)

@@ -14,16 +14,45 @@ from typing import Any
 TRANSACTION_LOGGER = "willi.transaction"
 
 
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_char(c: str) -> str:
+    if c in _SHORT_ESCAPES:
+        return _SHORT_ESCAPES[c]
+    code = ord(c)
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
+        return f"\\x{code - 0xDC00:02x}"
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def escape_text(text: str) -> str:
+    """Make `text` safe to write as (part of) one log line.
+
+    Every character that is not printable is escaped: C0 and C1 controls
+    (ESC, VT, FF, NEL ...), DEL, the line and paragraph separators, bidi
+    controls and other format characters, and bytes that were not UTF-8
+    (kept as surrogates by surrogateescape). So a transaction is always one
+    line, reads the same in a terminal, and encodes as UTF-8 whatever the
+    client sent.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escape_char(c) for c in text)
+
+
 def logfmt_value(value: Any) -> str:
-    """Quote a value when it holds spaces, quotes, '=' or is empty."""
+    """Quote a value when it holds spaces, quotes, '=', backslashes, is empty or not printable."""
     if value is None:
         return ""
     if isinstance(value, bool):
         text = "yes" if value else "no"
     else:
         text = str(value)
-    if text == "" or any(c in text for c in ' "=\\') or not text.isprintable():
-        escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
+    if text == "" or not text.isprintable() or any(c in text for c in ' "=\\'):
+        escaped = escape_text(text.replace("\\", "\\\\").replace('"', '\\"'))
         return f'"{escaped}"'
     return text
 
@@ -45,9 +74,10 @@ class LogfmtFormatter(logging.Formatter):
         if self.with_time:
             ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
             prefix = f"time={ts}.{int(record.msecs):03d} "
-        line = f"{prefix}level={record.levelname.lower()} {record.getMessage()}"
+        line = f"{prefix}level={record.levelname.lower()} {escape_text(record.getMessage())}"
         if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+            # A traceback is several lines by nature; each line is escaped like the message.
+            line += "\n" + "\n".join(escape_text(t) for t in self.formatException(record.exc_info).split("\n"))
         return line
 
 
@@ -60,7 +90,7 @@ class ReopenableFileHandler(logging.FileHandler):
     """
 
     def __init__(self, filename: str | Path) -> None:
-        super().__init__(str(filename), mode="a", encoding="utf-8")
+        super().__init__(str(filename), mode="a", encoding="utf-8", errors="backslashreplace")
 
     def _open(self):  # type: ignore[no-untyped-def]
         fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
@@ -87,6 +117,13 @@ def reopen_log_files() -> list[tuple[str, OSError | None]]:
             else:
                 results.append((handler.baseFilename, None))
     return results
+
+
+def set_syslog_ident(pid: int) -> None:
+    """A forked worker logs to syslog under its own PID."""
+    for handler in logging.getLogger("willi").handlers:
+        if isinstance(handler, logging.handlers.SysLogHandler):
+            handler.ident = f"willi[{pid}]: "
 
 
 def setup_logging(level: str, *, target: str = "stderr", logfile: Path | None = None,

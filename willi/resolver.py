@@ -9,6 +9,7 @@ single backend query. Errors are never cached.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections import OrderedDict
@@ -16,7 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable
 
-from willi.config import KEY_KINDS, Config
+from willi.address import KEY_KINDS, labeled_keys, lookup_keys
+from willi.config import Config
 from willi.mappings import build_mapping
 from willi.mappings.base import Mapping, MappingError
 from willi.route import Route
@@ -38,37 +40,6 @@ class Resolution:
     mapping: str = ""
     key: str = ""
     cached: bool = False
-
-
-def labeled_keys(address: str, delimiter: str, *, case_sensitive_local: bool = False) -> list[tuple[str, str]]:
-    """Like lookup_keys, with each key's kind: ("full" | "base" | "domain", key)."""
-    local, sep, domain = address.rpartition("@")
-    if not sep:
-        local, domain = address, ""
-    domain = domain.lower()
-    if not case_sensitive_local:
-        local = local.lower()
-    keys = [("full", f"{local}@{domain}" if domain else local)]
-    if delimiter and not (local.startswith('"') and local.endswith('"')):
-        cut = min((i for i in (local.find(d) for d in delimiter) if i > 0), default=-1)
-        if cut > 0:
-            keys.append(("base", f"{local[:cut]}@{domain}" if domain else local[:cut]))
-    if domain:
-        keys.append(("domain", domain))
-    seen: set[str] = set()
-    return [(kind, key) for kind, key in keys if not (key in seen or seen.add(key))]
-
-
-def lookup_keys(address: str, delimiter: str, *, case_sensitive_local: bool = False) -> list[str]:
-    """Keys tried for `address`, in order: full, without subaddress, domain.
-
-    `user+ext@Example.COM` with delimiter "+" -> ["user+ext@example.com",
-    "user@example.com", "example.com"]. Several delimiter characters may be
-    given (as Postfix's recipient_delimiter); the local part is cut at the
-    first of any of them. Domains are always lower-cased; local parts too
-    unless `case_sensitive_local`. Duplicates are dropped.
-    """
-    return [key for _, key in labeled_keys(address, delimiter, case_sensitive_local=case_sensitive_local)]
 
 
 _MISS = object()
@@ -152,8 +123,11 @@ class Resolver:
     """Walks the mapping chain for each recipient; the first answer wins."""
 
     def __init__(self, mappings: Sequence[Mapping], *, delimiter: str = "+", case_sensitive_local: bool = False,
-                 cache: LookupCache | None = None, key_kinds: Sequence[Sequence[str]] | None = None) -> None:
+                 cache: LookupCache | None = None, key_kinds: Sequence[Sequence[str]] | None = None,
+                 xclient: Sequence[str | None] | None = None) -> None:
         self.mappings = list(mappings)
+        #: Per mapping, its own `xclient` setting, given to the routes it returns.
+        self.xclient = list(xclient) if xclient else [None] * len(self.mappings)
         #: Per mapping, which kinds of key it is asked (config `keys`); all by default.
         self.key_kinds = [frozenset(k) for k in key_kinds] if key_kinds else [frozenset(KEY_KINDS)] * len(mappings)
         self.delimiter, self.case_sensitive_local = delimiter, case_sensitive_local
@@ -162,6 +136,7 @@ class Resolver:
             mapping.set_change_listener(self.cache.clear)
 
     def keys(self, address: str) -> list[str]:
+        """The keys tried for `address`, in order (for --lookup)."""
         return lookup_keys(address, self.delimiter, case_sensitive_local=self.case_sensitive_local)
 
     def resolve(self, address: str) -> Resolution:
@@ -170,7 +145,7 @@ class Resolver:
         Raises LookupFailed when a mapping errs: the chain stops there, so a
         later, broader mapping never answers for a key an earlier one owns.
         """
-        keys = labeled_keys(address, self.delimiter, case_sensitive_local=self.case_sensitive_local)
+        keys = labeled_keys(address, self.delimiter, case_sensitive_local=self.case_sensitive_local)  # AddressError
         for index, mapping in enumerate(self.mappings):
             try:
                 mapping.refresh()
@@ -184,6 +159,8 @@ class Resolver:
                 except MappingError as exc:
                     raise LookupFailed(mapping.name, key, exc) from exc
                 if route is not None:
+                    if self.xclient[index] is not None and route.xclient != self.xclient[index]:
+                        route = dataclasses.replace(route, xclient=self.xclient[index])
                     return Resolution(route, mapping.name, key, cached)
         return Resolution(None)
 
@@ -199,4 +176,4 @@ def build_resolver(config: Config) -> Resolver:
     cache = LookupCache(config.cache_positive_ttl, config.cache_negative_ttl, config.cache_max_entries)
     return Resolver(mappings, delimiter=config.recipient_delimiter,
                     case_sensitive_local=config.local_part_case_sensitive, cache=cache,
-                    key_kinds=[m.keys for m in config.mappings])
+                    key_kinds=[m.keys for m in config.mappings], xclient=[m.xclient for m in config.mappings])

@@ -1,91 +1,43 @@
-"""Listeners: one `ThreadingTCPServer` per listen address, one thread per client.
+"""Listeners and sessions of one process: a `ThreadingTCPServer` per listen address, a thread per client.
 
-All listeners share a `Runtime` (config, resolver, TLS contexts) that a
-reload replaces as a whole, and a `ConnectionLimiter`; sessions keep the
-runtime they started with, so a reload never changes a dialog midway.
+The servers are made (and their sockets bound) once, by the process that
+starts Willi, before it drops privileges; with `workers` > 1 the
+supervisor forks and every worker serves the same inherited sockets (the
+kernel hands each connection to one of the workers blocked in accept).
+
+One acceptor thread per process waits on all listeners and a wake pipe, so
+nothing wakes up periodically: an idle Willi sleeps until a client
+connects or it is told to stop. Accepting follows socketserver's hooks
+(verify_request, process_request, shutdown_request): the connection slot is
+taken in verify_request and released in shutdown_request, which socketserver
+calls on every path, including when no thread could be started.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import selectors
 import socket
 import socketserver
-import ssl
 import threading
 import time
-from collections import Counter
-from dataclasses import dataclass
 
 from willi.config import Config, ListenAddress
-from willi.resolver import Resolver, build_resolver
+from willi.lifecycle import Lifecycle
+from willi.limits import SharedLimits, Ticket
+from willi.netio import is_transient_accept_error
+from willi.peer import Peer, normalize_ip
+from willi.route import format_endpoint
+from willi.runtime import Runtime
 from willi.session import SmtpSession
-from willi.tls import UpstreamTls, server_context, upstream_contexts
 
 log = logging.getLogger("willi.server")
 
-
-@dataclass
-class Runtime:
-    """What a session needs, swapped whole on reload."""
-
-    config: Config
-    resolver: Resolver
-    server_tls: ssl.SSLContext | None
-    upstream_tls: UpstreamTls
-
-    @classmethod
-    def build(cls, config: Config) -> Runtime:
-        """Load mappings and TLS material; raises on any unusable file."""
-        server_tls = server_context(config.tls_cert, config.tls_key) if config.tls_cert and config.tls_key else None
-        return cls(config, build_resolver(config), server_tls, upstream_contexts(config.upstream_tls_ca))
-
-    def close(self) -> None:
-        self.resolver.close()
-
-
-class ConnectionLimiter:
-    """Counts live sessions, globally and per client IP."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._per_ip: Counter[str] = Counter()
-        self.total = 0
-        self.idle = threading.Condition(self._lock)
-
-    def acquire(self, ip: str, config: Config) -> tuple[int, str] | None:
-        """Reserve a slot, or return the (code, text) refusal."""
-        with self._lock:
-            if self.total >= config.max_connections:
-                return 421, "4.3.2 Too many connections, try again later"
-            if self._per_ip[ip] >= config.max_connections_per_ip:
-                return 421, "4.7.0 Too many connections from your address, try again later"
-            self.total += 1
-            self._per_ip[ip] += 1
-        return None
-
-    def release(self, ip: str) -> None:
-        with self._lock:
-            self.total -= 1
-            self._per_ip[ip] -= 1
-            if self._per_ip[ip] <= 0:
-                del self._per_ip[ip]
-            if self.total == 0:
-                self.idle.notify_all()
-
-    def wait_idle(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            while self.total > 0:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self.idle.wait(remaining)
-        return True
-
-
-def _client_ip(address: tuple) -> str:
-    ip = address[0]
-    return ip[7:] if ip.startswith("::ffff:") else ip
+ACCEPT_BATCH = 64
+THREAD_STACK = 512 * 1024
+BACKOFF_MAX = 1.0
 
 
 class SessionHandler(socketserver.BaseRequestHandler):
@@ -94,16 +46,7 @@ class SessionHandler(socketserver.BaseRequestHandler):
     server: WilliServer
 
     def handle(self) -> None:
-        service = self.server.service
-        runtime = service.acquire_runtime()
-        session = SmtpSession(self.request, self.client_address, runtime, service.draining)
-        service.sessions_add(session)
-        try:
-            session.run()
-        finally:
-            service.sessions_remove(session)
-            service.release_runtime(runtime)
-            service.limiter.release(_client_ip(self.client_address))
+        self.server.service.run_session(self.request, self.client_address, self.server.tickets.get(self.request))
 
 
 class WilliServer(socketserver.ThreadingTCPServer):
@@ -112,61 +55,221 @@ class WilliServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     daemon_threads = True
     block_on_close = False
-    request_queue_size = 128
 
-    def __init__(self, address: ListenAddress, service: WilliService) -> None:
+    def __init__(self, address: ListenAddress, service: WilliService, backlog: int) -> None:
         self.address_family = address.family
+        self.request_queue_size = backlog  # the kernel caps it at net.core.somaxconn
         self.service = service
+        self.tickets: dict[socket.socket, Ticket] = {}
         super().__init__((address.host, address.port), SessionHandler, bind_and_activate=False)
         try:
-            if address.family == socket.AF_INET6:
-                self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             self.server_bind()
             self.server_activate()
         except OSError:
             self.server_close()
             raise
+        self.socket.setblocking(False)  # several workers share it: a worker that loses the race gets EAGAIN
+
+    def server_bind(self) -> None:
+        if self.address_family == socket.AF_INET6:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        super().server_bind()
 
     def verify_request(self, request: socket.socket, client_address: tuple) -> bool:  # type: ignore[override]
-        """Refuse over-limit clients with 421 here, before a thread is spent on them."""
-        refusal = self.service.limiter.acquire(_client_ip(client_address), self.service.runtime.config)
-        if refusal is None:
+        """Take a connection slot, or refuse with 421 here, before a thread is spent on the client."""
+        service = self.service
+        ip = normalize_ip(client_address[0])
+        admitted = service.limits.admit(ip, per_ip=not service.is_proxy(ip))
+        if isinstance(admitted, Ticket):
+            self.tickets[request] = admitted
             return True
-        code, text = refusal
-        log.warning("client=%s:%s refused: %s %s", client_address[0], client_address[1], code, text)
+        log.warning("client=%s refused: 421 %s", format_endpoint(ip, client_address[1]), admitted)
         try:
             request.settimeout(1.0)
-            request.sendall(f"{code} {text}\r\n".encode())
+            request.sendall(f"421 {admitted}\r\n".encode())
         except OSError:
             pass
         return False
 
+    def shutdown_request(self, request: socket.socket) -> None:  # type: ignore[override]
+        """Every accepted socket passes here exactly once: the slot goes back with it."""
+        ticket = self.tickets.pop(request, None)
+        if ticket is not None:
+            ticket.release()
+        super().shutdown_request(request)
+
     def handle_error(self, request: object, client_address: tuple) -> None:
         log.exception("client=%s unhandled error in connection thread", client_address)
 
+    def accept_one(self) -> bool:
+        """Accept and dispatch one connection as socketserver's _handle_request_noblock does; False when none."""
+        request, client_address = self.socket.accept()
+        if self.verify_request(request, client_address):
+            try:
+                self.process_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+                self.shutdown_request(request)
+            except BaseException:
+                self.shutdown_request(request)
+                raise
+        else:
+            self.shutdown_request(request)
+        return True
+
+
+class Acceptor:
+    """One thread that accepts on every listener of this process, and sleeps otherwise."""
+
+    def __init__(self, servers: list[WilliServer]) -> None:
+        self.servers = servers
+        self._wake_r, self._wake_w = os.pipe()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._spare: int | None = self._open_spare()
+        self._starved = False
+
+    @staticmethod
+    def _open_spare() -> int | None:
+        """A descriptor held back, so that when they run out one client can still be told 421."""
+        try:
+            return os.open(os.devnull, os.O_RDONLY)
+        except OSError:
+            return None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="willi-accept", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop = True
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        for fd in (self._wake_r, self._wake_w, self._spare):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._spare = None
+
+    def _run(self) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(self._wake_r, selectors.EVENT_READ, None)
+        for server in self.servers:
+            selector.register(server.socket, selectors.EVENT_READ, server)
+        backoff = 0.0
+        try:
+            while not self._stop:
+                for key, _ in selector.select(backoff or None):
+                    if key.data is None:
+                        return
+                    backoff = self._drain_queue(key.data, backoff)
+                if backoff:
+                    time.sleep(backoff)  # out of descriptors: give the sessions time to end
+        finally:
+            selector.close()
+
+    def _drain_queue(self, server: WilliServer, backoff: float) -> float:
+        """Accept what is waiting (up to a batch); the new backoff."""
+        for _ in range(ACCEPT_BATCH):
+            if self._stop:
+                return 0.0
+            try:
+                server.accept_one()
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if is_transient_accept_error(exc):
+                    return self._starving(server, exc, backoff)
+                if exc.errno not in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
+                    log.warning("accept on %s failed: %s", format_endpoint(*server.server_address[:2]), exc)
+                break
+        if self._starved:
+            self._starved = False
+            log.warning("accepting connections again: file descriptors are available")
+        return 0.0
+
+    def _starving(self, server: WilliServer, exc: OSError, backoff: float) -> float:
+        """No descriptors: tell one waiting client 421 with the spare one, log once, back off."""
+        if not self._starved:
+            self._starved = True
+            log.error("cannot accept connections: %s; backing off until descriptors free up "
+                      "(raise `ulimit -n` / LimitNOFILE, or lower max_connections)", exc.strerror)
+        if self._spare is not None:
+            os.close(self._spare)
+            self._spare = None
+            try:
+                request, _ = server.socket.accept()
+                try:
+                    request.settimeout(0.5)
+                    request.sendall(b"421 4.3.2 Too busy, try again later\r\n")
+                except OSError:
+                    pass
+                request.close()
+            except OSError:
+                pass
+            self._spare = self._open_spare()
+        return min(BACKOFF_MAX, max(0.05, backoff * 2))
+
 
 class WilliService:
-    """All listeners of one Willi process, started and stopped together."""
+    """All listeners and sessions of one Willi process, started and stopped together."""
 
-    def __init__(self, config: Config, runtime: Runtime | None = None) -> None:
-        self.runtime = runtime or Runtime.build(config)
-        self.limiter = ConnectionLimiter()
+    def __init__(self, config: Config, runtime: Runtime | None = None, *, limits: SharedLimits | None = None,
+                 load: bool = True) -> None:
+        """`load` False: bind first and load the runtime later (`install`), as the unprivileged user."""
+        self._config = config
+        self.runtime: Runtime = runtime or (Runtime.build(config) if load else None)  # type: ignore[assignment]
+        self.limits = limits or SharedLimits(1, config.max_connections)
+        self.limits.configure(config.max_connections, config.max_connections_per_ip)
+        self.lifecycle = Lifecycle()
         self.servers: list[WilliServer] = []
-        self.threads: list[threading.Thread] = []
+        self.acceptor: Acceptor | None = None
         self._sessions: set[SmtpSession] = set()
-        self._sessions_lock = threading.Lock()
-        self._runtime_users: Counter[int] = Counter()  # id(runtime) -> sessions still using it
-        self.draining = threading.Event()
+        self._sessions_lock = threading.Condition()
+        self._runtime_users: dict[int, int] = {}  # id(runtime) -> sessions still using it
 
     @property
     def config(self) -> Config:
-        return self.runtime.config
+        return self.runtime.config if self.runtime is not None else self._config
+
+    def preserved_fds(self) -> list[int]:
+        """Descriptors made before daemonizing that must survive DaemonContext's close-all."""
+        return [self.limits.lock_fd, *self.lifecycle.fds]
+
+    def install(self, runtime: Runtime) -> None:
+        """The first runtime, or a new one (reload)."""
+        if self.runtime is None:
+            self.runtime = runtime
+            self.limits.configure(runtime.config.max_connections, runtime.config.max_connections_per_ip)
+        else:
+            self.reload(runtime)
+
+    def is_proxy(self, ip: str) -> bool:
+        hosts = self.config.proxy_protocol_hosts
+        if not hosts:
+            return False
+        import ipaddress
+
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(addr in net for net in hosts)
+
+    # ---------------------------------------------------------- listeners
 
     def bind(self) -> None:
         """Open every listening socket (as root, before dropping privileges)."""
+        address = None
         try:
             for address in self.config.listen:
-                self.servers.append(WilliServer(address, self))
+                self.servers.append(WilliServer(address, self, self.config.listen_backlog))
         except OSError as exc:
             self.close()
             raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
@@ -176,44 +279,52 @@ class WilliService:
         return [srv.server_address[:2] for srv in self.servers]
 
     def start(self) -> WilliService:
-        """Bind (if not yet) and serve in background threads."""
+        """Bind (if not yet) and accept in a background thread."""
         if not self.servers:
             self.bind()
+        threading.stack_size(THREAD_STACK)
+        self.acceptor = Acceptor(self.servers)
+        self.acceptor.start()
         for srv in self.servers:
-            t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
-                                 name=f"listen-{srv.server_address[1]}", daemon=True)
-            t.start()
-            self.threads.append(t)
-        for srv in self.servers:
-            log.info("listening on %s", _format_address(srv.server_address))
+            log.info("listening on %s", format_endpoint(*srv.server_address[:2]))
         return self
 
-    def sessions_add(self, session: SmtpSession) -> None:
+    # ---------------------------------------------------------- sessions
+
+    def run_session(self, sock: socket.socket, client_address: tuple, ticket: Ticket | None) -> None:
+        """The body of a connection thread: one session, counted while it lives."""
+        runtime = self._acquire_runtime()
+        session = SmtpSession(sock, Peer.from_socket(sock, client_address), runtime, self.lifecycle, ticket)
         with self._sessions_lock:
             self._sessions.add(session)
-
-    def sessions_remove(self, session: SmtpSession) -> None:
-        with self._sessions_lock:
-            self._sessions.discard(session)
+        try:
+            session.run()
+        finally:
+            with self._sessions_lock:
+                self._sessions.discard(session)
+                if not self._sessions:
+                    self._sessions_lock.notify_all()
+            self._release_runtime(runtime)
 
     def sessions(self) -> list[SmtpSession]:
         with self._sessions_lock:
             return list(self._sessions)
 
-    def acquire_runtime(self) -> Runtime:
-        """The current runtime, counted as used by one more session."""
+    def _acquire_runtime(self) -> Runtime:
         with self._sessions_lock:
             runtime = self.runtime
-            self._runtime_users[id(runtime)] += 1
+            self._runtime_users[id(runtime)] = self._runtime_users.get(id(runtime), 0) + 1
             return runtime
 
-    def release_runtime(self, runtime: Runtime) -> None:
+    def _release_runtime(self, runtime: Runtime) -> None:
         """A session is done with `runtime`; a retired one closes with its last user."""
         with self._sessions_lock:
-            self._runtime_users[id(runtime)] -= 1
-            retired = runtime is not self.runtime and self._runtime_users[id(runtime)] <= 0
-            if retired:
+            left = self._runtime_users[id(runtime)] - 1
+            retired = runtime is not self.runtime and left <= 0
+            if left <= 0:
                 del self._runtime_users[id(runtime)]
+            else:
+                self._runtime_users[id(runtime)] = left
         if retired:
             runtime.close()
 
@@ -223,39 +334,68 @@ class WilliService:
         with self._sessions_lock:
             old, self.runtime = self.runtime, runtime
             unused = self._runtime_users.get(id(old), 0) <= 0
-            if unused:
-                self._runtime_users.pop(id(old), None)
-        if unused:
+        self.limits.configure(runtime.config.max_connections, runtime.config.max_connections_per_ip)
+        if unused and old is not runtime:
             old.close()
 
+    def wait_idle(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._sessions_lock:
+            while self._sessions:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._sessions_lock.wait(remaining)
+        return True
+
+    # ---------------------------------------------------------- stopping
+
     def stop_accepting(self) -> None:
-        for srv in self.servers:
-            srv.shutdown()
-        for t in self.threads:
-            t.join(timeout=5)
+        if self.acceptor is not None:
+            self.acceptor.stop()
+            self.acceptor = None
         self.close()
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Graceful stop: no new clients, idle ones get 421 4.3.2, transactions
-        in flight may finish for up to `timeout`, then the rest are cut off."""
-        self.draining.set()
+    def drain(self) -> None:
+        """Graceful stop begins: no new clients; idle ones hear 421 4.3.2 now, the rest after their transaction."""
+        self.lifecycle.drain()
         self.stop_accepting()
-        if not self.limiter.wait_idle(timeout):
+        for session in self.sessions():
+            if session.idle:
+                session.channel.interrupt()
+
+    def force(self) -> None:
+        """The drain ends now: every session hears 421 4.3.2, upstream transactions are cut without a dot."""
+        self.lifecycle.stop()
+        self.stop_accepting()
+        for session in self.sessions():
+            session.channel.interrupt()
+            session.relay.abort()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Drain, wait up to `timeout` for transactions in flight, then force the rest."""
+        self.drain()
+        if not self.wait_idle(timeout):
+            self.force()
+            self.finish_force()
+        if self.runtime is not None:
+            self.runtime.close()
+        self.release()
+
+    def release(self) -> None:
+        """Give back what this process's service holds besides sockets (pipes, the limits' lock file)."""
+        self.close()
+        self.lifecycle.close()
+        self.limits.close()
+
+    def finish_force(self) -> None:
+        """After `force`: a session still running after 2 s has its connection broken under it."""
+        if not self.wait_idle(2.0):
             for session in self.sessions():
-                try:
-                    session.stream.sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-            self.limiter.wait_idle(2.0)
-        self.runtime.close()
+                session.channel.abort()
+            self.wait_idle(1.0)
 
     def close(self) -> None:
         for srv in self.servers:
             srv.server_close()
         self.servers = []
-        self.threads = []
-
-
-def _format_address(address: tuple) -> str:
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

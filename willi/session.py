@@ -3,7 +3,17 @@
 One `smtp_VERB` method per command, found through a dispatch table built
 once. Replies are buffered and flushed whenever the client has no complete
 command waiting, so PIPELINING costs one write per batch and every reply
-still goes out in order.
+still goes out in order. Where recipients go and what the upstream says is
+the relay's business (`relay.py`); this module decides what the client may
+do next and what it hears.
+
+Deadlines (design.md: every wait has a deadline for the whole step): a
+command line must arrive whole within `read_timeout` (`stress_read_timeout`
+when Willi is near `max_connections`, as Postfix's `${stress?...}`); the
+message data must keep up at least `min_data_rate` bytes per second after
+the first `read_timeout`, as Postfix's smtpd_min_data_rate. A client
+dribbling a byte every few seconds therefore loses its slot, while a slow
+but honest sender keeps it.
 """
 
 from __future__ import annotations
@@ -12,36 +22,32 @@ import base64
 import logging
 import secrets
 import socket
-import ssl
-import threading
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
+from willi.dns import UNAVAILABLE
+from willi.lifecycle import Lifecycle
 from willi.log import TRANSACTION_LOGGER, logfmt
-from willi.mappings.base import MappingError
-from willi.protocol import (
-    AddressError,
-    DataFramer,
-    ParameterError,
-    Reply,
-    parse_params,
-    parse_path,
-    split_command,
-)
-from willi.resolver import LookupFailed
-from willi.route import Route
-from willi.upstream import ClientIdentity, UpstreamConnection, UpstreamError
+from willi.netio import Channel, Closed, LineTooLong, TimedOut, Woken
+from willi.peer import Peer
+from willi.protocol import AddressError, ParameterError, Reply, parse_params, parse_path, split_command
+from willi.relay import Relay, Transaction
+from willi.upstream.client import ClientIdentity
 
 if TYPE_CHECKING:
-    from willi.server import Runtime
+    from willi.runtime import Runtime
 
 log = logging.getLogger("willi.session")
 txlog = logging.getLogger(TRANSACTION_LOGGER)
 
-READ_CHUNK = 65536
-INTERRUPT_POLL = 1.0
+DATA_CHUNK = 262144
+FLUSH_AT = 16384  # replies buffered beyond this are written even while commands are waiting
 NAME_LOOKUP_WAIT = 5.0
+#: RCPTs past max_recipients that are answered 452 before each further one counts as an error (Postfix's
+#: smtpd_recipient_overshoot_limit).
+RECIPIENT_OVERSHOOT = 1000
+JUNK_VERBS = frozenset({"NOOP", "RSET", "VRFY", "HELP"})
 REFUSED_VERBS = frozenset({"AUTH", "BDAT", "XCLIENT", "XFORWARD", "ETRN", "EXPN", "TURN"})
 
 
@@ -50,155 +56,26 @@ class ClientGone(Exception):
 
 
 class ClientTimeout(Exception):
-    """The client said nothing for `read_timeout`."""
+    """The client did not finish a step (a command line, the message) in time."""
 
 
-class Interrupted(Exception):
-    """An idle wait ended because Willi is shutting down."""
+class Shutdown(Exception):
+    """A wait ended because Willi is stopping (or draining, for an idle client)."""
 
 
-class LineTooLong(Exception):
-    """A command line over the limit (already discarded up to its end)."""
+class Admission(Protocol):
+    """What the server lends a session: its connection slot."""
+
+    def rekey(self, ip: str) -> str | None: ...
+    def stressed(self) -> bool: ...
 
 
-class ClientStream:
-    """Buffered reading and writing on the client socket.
+class _Unlimited:
+    def rekey(self, ip: str) -> str | None:
+        return None
 
-    Our own buffer (not a makefile) so that STARTTLS can throw away every
-    plaintext byte read ahead, and DATA can hand back what follows the
-    terminator to the command reader.
-    """
-
-    def __init__(self, sock: socket.socket, read_timeout: float, write_timeout: float) -> None:
-        self.sock = sock
-        self.read_timeout, self.write_timeout = read_timeout, write_timeout
-        self.buffer = bytearray()
-        self.out: list[bytes] = []
-        #: Polled about once a second while waiting; True ends the wait (shutdown).
-        self.interrupt: Callable[[], bool] = lambda: False
-
-    def _recv(self) -> bytes:
-        deadline = time.monotonic() + self.read_timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise ClientTimeout()
-            self.sock.settimeout(min(remaining, INTERRUPT_POLL))
-            try:
-                data = self.sock.recv(READ_CHUNK)
-                break
-            except socket.timeout:
-                if self.interrupt():
-                    raise Interrupted() from None
-            except (OSError, ssl.SSLError) as exc:
-                raise ClientGone(str(exc)) from None
-        if not data:
-            raise ClientGone("connection closed by client")
-        return data
-
-    def has_line(self) -> bool:
-        return b"\n" in self.buffer
-
-    def readline(self, limit: int) -> bytes:
-        """Next command line; LineTooLong after discarding an overlong one."""
-        skipping = False
-        while True:
-            nl = self.buffer.find(b"\n")
-            if nl >= 0:
-                line = bytes(self.buffer[: nl + 1])
-                del self.buffer[: nl + 1]
-                if skipping or len(line) > limit:
-                    raise LineTooLong()
-                return line
-            if len(self.buffer) > limit:
-                skipping = True
-                self.buffer.clear()
-            self.flush()
-            self.buffer += self._recv()
-
-    def read_some(self) -> bytes:
-        """Whatever is buffered, else the next chunk from the socket."""
-        if self.buffer:
-            data = bytes(self.buffer)
-            self.buffer.clear()
-            return data
-        return self._recv()
-
-    def unread(self, data: bytes) -> None:
-        self.buffer[:0] = data
-
-    def write(self, data: bytes) -> None:
-        self.out.append(data)
-
-    def flush(self) -> None:
-        if not self.out:
-            return
-        data = b"".join(self.out)
-        self.out.clear()
-        self.sock.settimeout(self.write_timeout)
-        try:
-            self.sock.sendall(data)
-        except (OSError, ssl.SSLError) as exc:
-            raise ClientGone(str(exc)) from None
-
-    def starttls(self, context: ssl.SSLContext) -> None:
-        """Discard the plaintext read ahead (RFC 3207 section 4.2), then handshake."""
-        self.buffer.clear()
-        self.sock.settimeout(self.read_timeout)
-        try:
-            self.sock = context.wrap_socket(self.sock, server_side=True)
-        except (OSError, ssl.SSLError) as exc:
-            raise ClientGone(f"TLS handshake failed: {exc}") from None
-
-
-@dataclass
-class Transaction:
-    """The envelope of one MAIL..DATA exchange and what became of it."""
-
-    sender: str
-    params: dict[str, str | None]
-    started: float = field(default_factory=time.monotonic)
-    recipients: list[str] = field(default_factory=list)
-    route: Route | None = None
-    refused: list[str] = field(default_factory=list)
-    last_refusal: tuple[Reply, str] | None = None  # (reply, who decided) for the log
-    smtputf8: bool = False
-    broken: Reply | None = None  # the upstream transaction died after a recipient was accepted
-
-
-class NameLookup:
-    """Forward-confirmed reverse DNS of the client, started at connect time.
-
-    Runs in a helper thread so the dialog never waits for DNS unless XCLIENT
-    needs the name, and then only up to NAME_LOOKUP_WAIT.
-    """
-
-    def __init__(self, addr: str, enabled: bool) -> None:
-        self.addr = addr
-        self.name = "[UNAVAILABLE]" if not enabled else "[TEMPUNAVAIL]"
-        self._done = threading.Event()
-        if enabled:
-            threading.Thread(target=self._run, name=f"rdns-{addr}", daemon=True).start()
-        else:
-            self._done.set()
-
-    def _run(self) -> None:
-        try:
-            host = socket.gethostbyaddr(self.addr)[0]
-            forward = {info[4][0] for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)}
-            self.name = host if self.addr in forward else "[UNAVAILABLE]"
-        except socket.herror:
-            self.name = "[UNAVAILABLE]"
-        except socket.gaierror as exc:
-            self.name = "[TEMPUNAVAIL]" if exc.errno == socket.EAI_AGAIN else "[UNAVAILABLE]"
-        except OSError:
-            self.name = "[TEMPUNAVAIL]"
-        finally:
-            self._done.set()
-
-    def result(self) -> str:
-        self._done.wait(NAME_LOOKUP_WAIT)
-        return self.name
+    def stressed(self) -> bool:
+        return False
 
 
 def new_session_id() -> str:
@@ -209,139 +86,257 @@ def new_session_id() -> str:
 class SmtpSession:
     """The dialog with one client, from greeting to QUIT."""
 
-    def __init__(self, sock: socket.socket, peer: tuple, runtime: Runtime,
-                 draining: threading.Event | None = None) -> None:
+    def __init__(self, sock: socket.socket, peer: Peer, runtime: Runtime, lifecycle: Lifecycle | None = None,
+                 admission: Admission | None = None) -> None:
         self.runtime = runtime
-        self.draining = draining or threading.Event()
-        self.waiting_idle = False
         self.config = runtime.config
-        self.peer_addr, self.peer_port = peer[0], peer[1]
-        try:
-            local = sock.getsockname()
-            self.local_addr, self.local_port = local[0], local[1]
-        except OSError:
-            self.local_addr, self.local_port = "", 0
-        if self.peer_addr.startswith("::ffff:"):
-            self.peer_addr = self.peer_addr[7:]
+        self.lifecycle = lifecycle or Lifecycle()
+        self.admission: Admission = admission or _Unlimited()
+        self.peer = peer
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # replies are whole batches already
         except OSError:
             pass
-        self.stream = ClientStream(sock, self.config.read_timeout, self.config.write_timeout)
-        self.stream.interrupt = lambda: self.waiting_idle and self.draining.is_set()
+        self.channel = Channel(sock)
+        self.out: list[bytes] = []
+        self.out_size = 0
         self.sid = new_session_id()
-        self.names = NameLookup(self.peer_addr, self.config.client_name_lookup)
         self.helo: str | None = None
         self.esmtp = False
-        self.tls = False
+        self.tls: str | None = None  # the TLS version with the client, when in TLS
         self.tx: Transaction | None = None
-        self.upstream: UpstreamConnection | None = None
+        self.relay = Relay(runtime, self.sid, self._identity, lambda: self.tls is not None)
         self.errors = 0
+        self.junk = 0
         self.closing = False
-        self.in_data = False
+        self.idle = False
+        self._name: str | None = None
 
-    # ---------------------------------------------------------- plumbing
+    # ---------------------------------------------------------- who the client is
 
     @property
     def client(self) -> str:
-        return f"[{self.peer_addr}]:{self.peer_port}" if ":" in self.peer_addr else f"{self.peer_addr}:{self.peer_port}"
+        return self.peer.endpoint
+
+    def _client_name(self) -> str:
+        """The verified reverse name for XCLIENT NAME, looked up once, only when an upstream asks."""
+        if self._name is None:
+            if not self.config.client_name_lookup:
+                self._name = UNAVAILABLE
+            else:
+                self._name = self.runtime.dns.reverse(self.peer.addr, NAME_LOOKUP_WAIT)
+        return self._name
+
+    def _identity(self) -> ClientIdentity:
+        p = self.peer
+        return ClientIdentity(addr=p.addr, port=p.port, helo=self.helo or "", esmtp=self.esmtp,
+                              tls=self.tls is not None, dest_addr=p.local_addr, dest_port=p.local_port,
+                              name=self._client_name)
+
+    # ---------------------------------------------------------- replies
+
+    def respond(self, reply: Reply, *, own: bool = True) -> None:
+        """Queue a reply. Willi's own 5xx replies (not relayed ones) count towards `max_errors`."""
+        log.debug("sid=%s S: %s", self.sid, reply)
+        data = reply.encode()
+        self.out.append(data)
+        self.out_size += len(data)
+        if own and reply.code >= 500:
+            self._count_error()
+        if self.out_size >= FLUSH_AT:
+            self.flush()
+
+    def _count_error(self) -> None:
+        """One more client error; at `max_errors` the connection ends with 421."""
+        self.errors += 1
+        if self.errors >= self.config.max_errors and not self.closing:
+            self.closing = True
+            self.respond(Reply.of(421, f"4.7.0 {self.config.domain} Too many errors, closing connection"))
 
     def reply(self, code: int, text: str) -> None:
-        self.own_reply(Reply.of(code, text))
+        self.respond(Reply.of(code, text))
 
-    def own_reply(self, reply: Reply) -> None:
-        """Willi's own reply (not relayed); its 5xx count towards `max_errors`."""
-        self.send_reply(reply)
-        if reply.code >= 500:
-            self.errors += 1
-            if self.errors >= self.config.max_errors and not self.closing:
-                self.send_reply(Reply.of(421, f"4.7.0 {self.config.domain} Too many errors, closing connection"))
-                self.closing = True
+    def flush(self) -> None:
+        if not self.out:
+            return
+        data = b"".join(self.out) if len(self.out) > 1 else self.out[0]
+        self.out.clear()
+        self.out_size = 0
+        try:
+            self.channel.send(data, time.monotonic() + self.config.write_timeout)
+        except TimedOut:
+            raise ClientGone("write timed out") from None
+        except Closed as exc:
+            raise ClientGone(str(exc)) from None
 
-    def send_reply(self, reply: Reply) -> None:
-        log.debug("sid=%s S: %s", self.sid, reply)
-        self.stream.write(reply.encode())
+    def _final(self, reply: Reply) -> None:
+        """A last word before closing; the client may already be gone."""
+        try:
+            self.respond(reply)
+            self.flush()
+        except ClientGone:
+            pass
 
-    def relay(self, reply: Reply) -> None:
-        """Pass an upstream reply on verbatim; only 421 becomes 451.
-
-        A 421 from Willi would tell the client that *this* connection
-        closes, while only the upstream's did; 451 with the upstream's own
-        text keeps the meaning (try later) without that lie.
-        """
-        if reply.code == 421:
-            reply = Reply(451, reply.lines)
-        self.send_reply(reply)
+    # ---------------------------------------------------------- the loop
 
     def run(self) -> None:
         """Serve the client until QUIT, a fatal error, or the connection ends."""
         try:
-            self.send_reply(Reply.of(220, f"{self.config.domain} ESMTP Willi"))
+            if self._proxy_expected() and not self._read_proxy_header():
+                return
+            self.runtime.metrics.connection_opened()
+            try:
+                self._serve()
+            finally:
+                self.runtime.metrics.connection_closed()
+        finally:
+            if self.relay.in_data:
+                self.relay.drop(polite=False)
+            else:
+                self.relay.finish()
+            self.channel.close(polite=not self.lifecycle.stopping)
+
+    def _serve(self) -> None:
+        try:
+            self.respond(Reply.of(220, f"{self.config.domain} ESMTP Willi"))
             while not self.closing:
-                self.waiting_idle = self.tx is None and not self.stream.has_line()
-                if self.waiting_idle and self.draining.is_set():
-                    self._say_shutdown()
+                line = self._next_command()
+                if line is None:
                     return
-                try:
-                    line = self.stream.readline(self.config.max_command_line)
-                except LineTooLong:
-                    self.reply(500, "5.5.2 Line too long")
-                    continue
-                except Interrupted:
-                    self._say_shutdown()
-                    return
-                finally:
-                    self.waiting_idle = False
                 self.dispatch(line)
-            self.stream.flush()
+            self.flush()
         except ClientTimeout:
-            self._safe_final(Reply.of(421, f"4.4.2 {self.config.domain} Timeout, closing connection"))
+            self._final(Reply.of(421, f"4.4.2 {self.config.domain} Timeout, closing connection"))
             self.end_transaction("aborted", error="client timeout", error_src="client")
+        except Shutdown:
+            self._say_shutdown()
+            self.end_transaction("aborted", error="Willi is stopping", error_src="proxy")
         except ClientGone as exc:
             self.end_transaction("aborted", error=f"client disconnected: {exc}", error_src="client")
         except Exception:
             log.exception("sid=%s client=%s unexpected error", self.sid, self.client)
-            self._safe_final(Reply.of(451, "4.3.0 Internal error, try again later"))
+            self._final(Reply.of(451, "4.3.0 Internal error, try again later"))
             self.end_transaction("failed", error="internal error", error_src="proxy")
-        finally:
-            if self.upstream is not None:
-                self.upstream.quit() if not self.in_data else self.upstream.close()
-                self.upstream = None
-            try:
-                self.stream.sock.close()
-            except OSError:
-                pass
 
     def _say_shutdown(self) -> None:
-        self._safe_final(Reply.of(421, f"4.3.2 {self.config.domain} Service shutting down, try again later"))
+        self._final(Reply.of(421, f"4.3.2 {self.config.domain} Service shutting down, try again later"))
 
-    def _safe_final(self, reply: Reply) -> None:
-        try:
-            self.send_reply(reply)
-            self.stream.flush()
-        except ClientGone:
-            pass
+    def _command_deadline(self) -> float:
+        timeout = self.config.read_timeout
+        if self.admission.stressed():
+            timeout = min(timeout, self.config.stress_read_timeout)
+        return time.monotonic() + timeout
+
+    def _next_command(self) -> bytes | None:
+        """The next command line; None after telling an idle client that Willi is shutting down."""
+        idle = self.tx is None
+        lifecycle = self.lifecycle
+        while True:
+            # `idle` is set before the flags are read: a drain that starts now either
+            # finds this session idle (and wakes it) or is seen here.
+            self.idle = idle
+            if not self.channel.has_line():
+                self.flush()
+                if lifecycle.stopping or (idle and lifecycle.draining):
+                    self.idle = False
+                    self._say_shutdown()
+                    self.abort_transaction("shutdown")
+                    return None
+            try:
+                return self.channel.readline(self.config.max_command_line, self._command_deadline(),
+                                             lifecycle.idle_wake if idle else lifecycle.busy_wake)
+            except LineTooLong:
+                self.reply(500, "5.5.2 Line too long")
+                if self.closing:
+                    return None
+            except TimedOut:
+                raise ClientTimeout() from None
+            except (Woken, Closed) as exc:
+                if lifecycle.stopping or (idle and lifecycle.draining):
+                    self._say_shutdown()
+                    self.abort_transaction("shutdown")
+                    return None
+                if isinstance(exc, Woken):
+                    continue
+                raise ClientGone(str(exc)) from None
+            finally:
+                self.idle = False
 
     def dispatch(self, line: bytes) -> None:
         verb, arg = split_command(line)
-        log.debug("sid=%s C: %s", self.sid, line.rstrip(b"\r\n")[:200].decode("utf-8", "replace"))
+        log.debug("sid=%s C: %s", self.sid, line.rstrip(b"\r\n")[:200].decode("utf-8", "surrogateescape"))
         handler = self.HANDLERS.get(verb)
+        if verb in JUNK_VERBS:
+            self.junk += 1
+            if self.junk > self.config.max_junk_commands:
+                self._final(Reply.of(421, f"4.7.0 {self.config.domain} Too many {verb} commands, closing connection"))
+                self.abort_transaction(verb)
+                self.closing = True
+                return
         if handler is not None:
             try:
                 handler(self, arg)
-            except (ClientGone, ClientTimeout, Interrupted):
+            except (ClientGone, ClientTimeout, Shutdown):
                 raise
             except Exception:
-                if self.in_data:
+                if self.relay.in_data:
                     raise  # the rest of the message must never be read as commands: close
                 log.exception("sid=%s client=%s unexpected error in %s", self.sid, self.client, verb)
-                self._drop_upstream(polite=False)
+                self.relay.drop(polite=False)
                 self.end_transaction("failed", error=f"internal error in {verb}", error_src="proxy")
-                self.send_reply(Reply.of(451, "4.3.0 Internal error, try again later"))
+                self.respond(Reply.of(451, "4.3.0 Internal error, try again later"), own=False)
         elif verb in REFUSED_VERBS:
             self.reply(502, "5.5.1 Command not implemented")
         else:
             self.reply(500, "5.5.2 Command unrecognized")
+
+    # ---------------------------------------------------------- PROXY protocol
+
+    def _proxy_expected(self) -> bool:
+        hosts = self.config.proxy_protocol_hosts
+        if not hosts:
+            return False
+        from ipaddress import ip_address
+
+        try:
+            ip = ip_address(self.peer.addr)
+        except ValueError:
+            return False
+        return any(ip in net for net in hosts)
+
+    def _read_proxy_header(self) -> bool:
+        """Read the load balancer's PROXY header before anything is sent; False: close silently."""
+        from willi.proxyproto import ProxyHeaderError, parse_proxy_header
+
+        deadline = time.monotonic() + self.config.proxy_protocol_timeout
+        balancer = self.peer.endpoint
+        try:
+            while True:
+                try:
+                    header = parse_proxy_header(bytes(self.channel.buffer))
+                except ProxyHeaderError as exc:
+                    log.warning("proxy=%s bad PROXY header, connection closed: %s", balancer, exc)
+                    return False
+                if header is not None:
+                    break
+                self.channel.fill(deadline, self.lifecycle.busy_wake, size=512)
+        except TimedOut:
+            log.warning("proxy=%s no complete PROXY header within %gs, connection closed", balancer,
+                        self.config.proxy_protocol_timeout)
+            return False
+        except (Closed, Woken) as exc:
+            log.warning("proxy=%s connection ended before its PROXY header was complete: %s", balancer, exc)
+            return False
+        del self.channel.buffer[: header.length]
+        if header.local or header.source is None:
+            return True  # a health check from the balancer itself: the real peer is the client
+        self.peer = self.peer.behind(header.source, header.destination)
+        refusal = self.admission.rekey(self.peer.addr)
+        if refusal is not None:
+            log.warning("client=%s proxy=%s refused: %s", self.client, balancer, refusal)
+            self._final(Reply.of(421, refusal))
+            return False
+        return True
 
     # ---------------------------------------------------------- session commands
 
@@ -359,33 +354,33 @@ class SmtpSession:
             self.reply(501, "5.5.4 HELO name longer than 255 octets")
             return
         self.abort_transaction("new HELO/EHLO")
-        self._drop_upstream()  # its XCLIENT HELO would be stale
+        self.relay.new_identity()  # an XCLIENT'd upstream connection would carry the old HELO
         self.helo, self.esmtp = arg, esmtp
         if not esmtp:
-            self.send_reply(Reply.of(250, self.config.domain))
+            self.respond(Reply.of(250, self.config.domain))
             return
-        lines = [self.config.domain, "PIPELINING", f"SIZE {self.config.max_message_bytes}", "8BITMIME",
-                 "ENHANCEDSTATUSCODES"]
-        if self.config.smtputf8:
-            lines.append("SMTPUTF8")
-        if self.runtime.server_tls is not None and not self.tls:
-            lines.append("STARTTLS")
-        self.send_reply(Reply(250, tuple(lines)))
+        self.respond(self.runtime.ehlo_reply(starttls=self.tls is None))
 
     def smtp_STARTTLS(self, arg: str) -> None:
         if arg:
             self.reply(501, "5.5.4 Syntax: STARTTLS")
-        elif self.tls:
+        elif self.tls is not None:
             self.reply(503, "5.5.1 Already in TLS")
         elif self.runtime.server_tls is None:
             self.reply(454, "4.7.0 TLS not available")
         else:
-            self.send_reply(Reply.of(220, "2.0.0 Ready to start TLS"))
-            self.stream.flush()
-            self.stream.starttls(self.runtime.server_tls)
-            self.tls = True
+            self.respond(Reply.of(220, "2.0.0 Ready to start TLS"))
+            self.flush()
+            try:
+                self.channel.start_tls(self.runtime.server_tls, time.monotonic() + self.config.read_timeout,
+                                       server_side=True)
+            except TimedOut:
+                raise ClientGone("TLS handshake timed out") from None
+            except Closed as exc:
+                raise ClientGone(str(exc)) from None
+            self.tls = getattr(self.channel.sock, "version", lambda: "TLS")() or "TLS"
             self.abort_transaction("STARTTLS")
-            self._drop_upstream()
+            self.relay.new_identity()
             self.helo, self.esmtp = None, False
 
     def smtp_NOOP(self, arg: str) -> None:
@@ -396,8 +391,7 @@ class SmtpSession:
             self.reply(501, "5.5.4 Syntax: RSET")
             return
         self.abort_transaction("RSET")
-        if self.upstream is not None and self.upstream.in_transaction:
-            self.upstream.rset()
+        self.relay.rset()
         self.reply(250, "2.0.0 Ok")
 
     def smtp_VRFY(self, arg: str) -> None:
@@ -411,7 +405,7 @@ class SmtpSession:
 
     def smtp_QUIT(self, arg: str) -> None:
         self.abort_transaction("QUIT")
-        self.send_reply(Reply.of(221, f"2.0.0 {self.config.domain} Bye"))
+        self.respond(Reply.of(221, f"2.0.0 {self.config.domain} Bye"))
         self.closing = True
 
     # ---------------------------------------------------------- transaction commands
@@ -490,98 +484,20 @@ class SmtpSession:
             return
         if recipient.lower() == "postmaster":
             recipient = f"postmaster@{self.config.domain}"  # RFC 5321 4.5.1: always accepted syntax
-        reply, source = self._route_recipient(tx, recipient)
-        if reply.code // 100 != 2:
-            tx.refused.append(recipient)
-            tx.last_refusal = (reply, source)
-        if source == "upstream":
-            self.relay(reply)
-        else:
-            self.own_reply(reply)
-
-    def _route_recipient(self, tx: Transaction, recipient: str) -> tuple[Reply, str]:
-        """The reply for one recipient and who decided it: proxy, lookup or upstream."""
-        if tx.broken is not None:
-            return tx.broken, "upstream"
         if len(tx.recipients) >= self.config.max_recipients:
-            return Reply.of(452, "4.5.3 Too many recipients"), "proxy"
-        try:
-            resolution = self.runtime.resolver.resolve(recipient)
-        except (LookupFailed, MappingError) as exc:
-            log.error("sid=%s lookup failed: %s", self.sid, exc)
-            return Reply.of(451, "4.3.0 Recipient lookup failed, try again later"), "lookup"
-        route = resolution.route
-        if route is None:
-            return Reply.of(554, f"5.7.1 <{recipient}>: Relay access denied"), "lookup"
-        if tx.route is not None and not route.same_upstream(tx.route):
-            return Reply.of(452, "4.5.3 Recipient routed elsewhere: send it in a separate transaction"), "proxy"
-        return self._upstream_rcpt(tx, route, recipient), "upstream"
-
-    def _upstream_rcpt(self, tx: Transaction, route: Route, recipient: str) -> Reply:
-        """Open (or reuse) the upstream and its transaction, then ask it about `recipient`."""
-        try:
-            if tx.route is None:
-                failure = self._open_upstream_transaction(tx, route)
-                if failure is not None:
-                    return failure
-            assert self.upstream is not None
-            reply = self.upstream.rcpt(recipient)
-        except UpstreamError as exc:
-            log.warning("sid=%s upstream=%s %s", self.sid, route.endpoint, exc.reason)
-            self._drop_upstream(polite=False)
-            if tx.recipients:
-                # Recipients already accepted went down with the connection:
-                # the client must hear a 4xx at DATA and retry the whole message.
-                tx.broken = exc.reply
-            return exc.reply
-        if reply.code // 100 == 2:
-            tx.recipients.append(recipient)
-            tx.route = route
-        return reply
-
-    def _open_upstream_transaction(self, tx: Transaction, route: Route) -> Reply | None:
-        """Ensure a connection to `route` with MAIL accepted; a Reply when refused."""
-        for attempt in (1, 2):
-            reused = self.upstream is not None and self.upstream.alive and route.same_upstream(self.upstream.route)
-            if not reused:
-                self._drop_upstream()
-                self.upstream = self._connect(route)
-            assert self.upstream is not None
-            params = self.upstream.upstream_params(tx.params)
-            if params is None:
-                return Reply.of(550, "5.6.7 Upstream server does not support SMTPUTF8")
-            try:
-                reply = self.upstream.mail(tx.sender, params)
-            except UpstreamError:
-                if reused and attempt == 1:
-                    self._drop_upstream(polite=False)  # it closed while idle: connect afresh once
-                    continue
-                raise
-            return None if reply.code == 250 else reply
-        raise AssertionError("unreachable")
-
-    def _connect(self, route: Route) -> UpstreamConnection:
-        config = self.config
-        policy = config.upstream_starttls
-        want_tls = policy == "always" or (policy == "client" and self.tls)
-        identity = None
-        if config.xclient:
-            identity = ClientIdentity(
-                addr=self.peer_addr, port=self.peer_port, helo=self.helo or "", esmtp=self.esmtp,
-                name=self.names.result(), tls=self.tls, dest_addr=self.local_addr, dest_port=self.local_port,
-            )
-        conn = UpstreamConnection(
-            route, local_name=config.domain, connect_timeout=config.upstream_connect_timeout,
-            command_timeout=config.upstream_command_timeout, data_timeout=config.upstream_data_timeout,
-            tls_context=self.runtime.upstream_tls.for_route(route.tls_verify), client=identity, session_id=self.sid,
-        )
-        conn.open(want_tls)
-        return conn
-
-    def _drop_upstream(self, *, polite: bool = True) -> None:
-        if self.upstream is not None:
-            self.upstream.quit() if polite else self.upstream.close()
-            self.upstream = None
+            tx.excess += 1
+            reply, source = Reply.of(452, "4.5.3 Too many recipients"), "proxy"
+        else:
+            reply, source = self.relay.recipient(tx, recipient)
+        if reply.code // 100 != 2:
+            tx.refused.add(recipient, reply.code)
+            tx.last_refusal = (reply, source)
+        metrics = self.runtime.metrics
+        if metrics.enabled:
+            metrics.recipient(_recipient_result(reply))
+        self.respond(reply, own=source != "upstream")
+        if tx.excess > RECIPIENT_OVERSHOOT:
+            self._count_error()  # like Postfix's recipient overshoot: a flood ends the connection
 
     def smtp_DATA(self, arg: str) -> None:
         tx = self.tx
@@ -592,79 +508,56 @@ class SmtpSession:
             self.reply(503, "5.5.1 Need MAIL before DATA")
             return
         if tx.broken is not None:
-            self.send_reply(tx.broken)
+            self.respond(tx.broken, own=False)
             self.end_transaction("failed", reply=tx.broken, error="upstream connection lost", error_src="upstream")
             return
-        if not tx.recipients or self.upstream is None:
+        if not tx.recipients or self.relay.conn is None:
             self.reply(503, "5.5.1 No valid recipients")
             return
-        upstream = self.upstream
-        try:
-            reply = upstream.data()
-        except UpstreamError as exc:
-            self._drop_upstream(polite=False)
-            self.send_reply(exc.reply)
-            self.end_transaction("failed", reply=exc.reply, error=exc.reason, error_src="upstream")
-            return
+        reply = self.relay.data(tx)
         if reply.code != 354:
-            self.relay(reply)
-            self.end_transaction("rejected", reply=reply, error="upstream refused DATA", error_src="upstream")
-            if upstream.alive:
-                upstream.rset()
+            self.respond(reply, own=False)
+            failed = reply.code == 451 and self.relay.conn is None
+            self.end_transaction("failed" if failed else "rejected", reply=reply, error="upstream refused DATA",
+                                 error_src="upstream")
             return
-        self.send_reply(reply)
-        self.stream.flush()
-        self._stream_data(tx, upstream)
+        self.respond(reply, own=False)
+        self.flush()
+        outcome = self.relay.stream(tx, self._data_reader(), self._unread)
+        self.respond(outcome.reply, own=outcome.error_src == "client")
+        self.end_transaction(outcome.result, reply=outcome.reply, size=outcome.size, error=outcome.error,
+                             error_src=outcome.error_src)
 
-    def _stream_data(self, tx: Transaction, upstream: UpstreamConnection) -> None:
-        """Copy the message through the framer; the dot goes upstream only if all went well."""
-        framer = DataFramer()
-        failure: Reply | None = None
-        error, error_src = "", ""
-        reject_bare = self.config.bare_newline == "reject"
-        limit = self.config.max_message_bytes
-        self.in_data = True
-        try:
-            while not framer.done:
-                out, rest = framer.feed(self.stream.read_some())
-                if failure is None:
-                    if framer.size > limit:
-                        failure = Reply.of(552, f"5.3.4 Message exceeds size limit of {limit} octets")
-                        error, error_src = "message too large", "client"
-                    elif reject_bare and framer.violation:
-                        failure = Reply.of(550, "5.5.2 Bare CR, bare LF or NUL in message; use CRLF line ends")
-                        error, error_src = "bare newline", "client"
-                    elif out:
-                        try:
-                            upstream.send_data(out)
-                        except UpstreamError as exc:
-                            failure, error, error_src = exc.reply, exc.reason, "upstream"
-                    if failure is not None:
-                        self._drop_upstream(polite=False)  # no final dot, ever
-                if framer.done:
-                    self.stream.unread(rest)
-        except (ClientGone, ClientTimeout):
-            self._drop_upstream(polite=False)
-            self.in_data = False
-            raise
-        self.in_data = False
-        if failure is not None:
-            self.send_reply(failure)
-            self.end_transaction("rejected" if error_src == "client" else "failed", reply=failure, size=framer.size,
-                                 error=error, error_src=error_src)
-            return
-        try:
-            reply = upstream.end_data()
-        except UpstreamError as exc:
-            self._drop_upstream(polite=False)
-            self.send_reply(exc.reply)
-            self.end_transaction("failed", reply=exc.reply, size=framer.size, error=exc.reason, error_src="upstream")
-            return
-        self.relay(reply)
-        result = "accepted" if reply.code // 100 == 2 else "rejected"
-        self.end_transaction(result, reply=reply, size=framer.size,
-                             error=None if result == "accepted" else "upstream refused message",
-                             error_src=None if result == "accepted" else "upstream")
+    def _unread(self, data: bytes) -> None:
+        if data:
+            self.channel.buffer[:0] = data
+
+    def _data_reader(self) -> Callable[[], bytes]:
+        """Chunks of the message: within `read_timeout`, then at least `min_data_rate` bytes per second."""
+        timeout, rate = self.config.read_timeout, self.config.min_data_rate
+        deadline = time.monotonic() + timeout
+        channel, wake, lifecycle = self.channel, self.lifecycle.busy_wake, self.lifecycle
+
+        def read() -> bytes:
+            nonlocal deadline
+            if channel.buffer:
+                return channel.take_buffer()
+            try:
+                data = channel.recv(deadline, wake, DATA_CHUNK)
+            except TimedOut:
+                raise ClientTimeout() from None
+            except (Closed, Woken) as exc:
+                if lifecycle.stopping:
+                    raise Shutdown() from None
+                raise ClientGone(str(exc)) from None
+            if not data:
+                if lifecycle.stopping:
+                    raise Shutdown()
+                raise ClientGone("connection closed by client during DATA")
+            deadline = min(time.monotonic() + timeout, deadline + len(data) / rate)
+            return data
+
+        return read
 
     # ---------------------------------------------------------- transaction record
 
@@ -684,18 +577,20 @@ class SmtpSession:
         tx, self.tx = self.tx, None
         if tx is None:
             return
-        upstream = self.upstream
+        upstream = tx.upstream or self.relay.describe()
         fields: dict[str, object] = {
             "result": result,
             "client": self.client,
+            "proxy": self.peer.proxy,
             "helo": self.helo,
-            "tls": self.tls,
+            "tls": self.tls or False,
             "from": f"<{tx.sender}>",
             "to": ",".join(f"<{r}>" for r in tx.recipients) or None,
-            "refused": ",".join(f"<{r}>" for r in tx.refused) or None,
-            "upstream": tx.route.endpoint if tx.route else None,
-            "upstream_tls": upstream.tls if upstream is not None and tx.route else None,
-            "xclient": upstream.xclient if upstream is not None and tx.route else None,
+            "refused": str(tx.refused) if tx.refused else None,
+            "upstream": upstream.get("upstream") or (tx.route.endpoint if tx.route else None),
+            "upstream_addr": upstream.get("upstream_addr"),
+            "upstream_tls": upstream.get("upstream_tls") if upstream else None,
+            "xclient": upstream.get("xclient") if upstream else None,
             "size": size,
             "reply": str(reply) if reply is not None else None,
             "duration_ms": int((time.monotonic() - tx.started) * 1000),
@@ -704,8 +599,20 @@ class SmtpSession:
             "error_src": error_src,
         }
         txlog.info("%s", logfmt(fields))
+        self.runtime.metrics.transaction(result)
 
     HANDLERS: dict[str, Callable[[SmtpSession, str], None]] = {}
+
+
+def _recipient_result(reply: Reply) -> str:
+    """accept, reject, tempfail or split, for willi_recipients_total."""
+    if reply.code // 100 == 2:
+        return "accept"
+    if reply.code // 100 == 5:
+        return "reject"
+    if reply.code == 452 and reply.lines and reply.lines[0].startswith("4.5.3 Recipient routed elsewhere"):
+        return "split"
+    return "tempfail"
 
 
 SmtpSession.HANDLERS = {

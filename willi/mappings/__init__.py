@@ -22,6 +22,6 @@ def build_mapping(config: MappingConfig, index: int, *, case_sensitive_local: bo
     if isinstance(config, SqlMappingConfig):
         from willi.mappings.mysql import SqlMapping  # imported late: only sql users need the connector
 
-        return SqlMapping(config, index)
+        return SqlMapping(config, index, case_sensitive_local=case_sensitive_local)
     raise TypeError(f"unknown mapping config {config!r}")
 

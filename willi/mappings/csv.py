@@ -15,12 +15,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from willi.address import PatternError, pattern_key
 from willi.mappings.base import MappingError
 from willi.route import Route, RouteSyntaxError, make_route
 
 log = logging.getLogger("willi.mappings.csv")
 
-HEADER = ("pattern", "server", "tls_verify")
+HEADER = ("pattern", "server", "tls_verify", "tls")
 
 
 class CsvFormatError(ValueError):
@@ -28,47 +29,54 @@ class CsvFormatError(ValueError):
 
 
 def normalize_pattern(pattern: str, *, case_sensitive_local: bool) -> str:
-    """Lower-case the domain always, the local part unless asked not to."""
-    local, sep, domain = pattern.rpartition("@")
-    if not sep:
-        return pattern.lower()
-    return f"{local if case_sensitive_local else local.lower()}@{domain.lower()}"
+    """The lookup key a pattern stands for (see willi.address.pattern_key); PatternError when it has none."""
+    return pattern_key(pattern, case_sensitive_local=case_sensitive_local)
 
 
 def parse_csv(text: str, *, case_sensitive_local: bool = False, source: str = "<csv>") -> dict[str, Route]:
-    """Parse the whole file; raise CsvFormatError naming the line on any defect.
+    """Parse the whole file; raise CsvFormatError naming `file:line` on any defect.
 
     Format: a header `pattern;server;tls_verify` (the third column may be
-    absent), `#` comments and empty lines ignored, `;` separated. Patterns
-    are a full address, an address without subaddress, or a domain.
+    absent; a fourth, `tls`, may follow), `#` comments and empty lines
+    ignored, `;` separated. A pattern is a full address, an address without
+    subaddress, a domain, or `.domain` for every subdomain of domain; one that
+    could never match a recipient (`@domain`, `*.domain`, white space) is an
+    error, not a silent dead line.
     """
     table: dict[str, Route] = {}
-    header_seen = False
+    columns = 0
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         fields = [f.strip() for f in line.split(";")]
-        if not header_seen:
-            if tuple(f.lower() for f in fields) not in (HEADER, HEADER[:2]):
+        if not columns:
+            names = tuple(f.lower() for f in fields)
+            if names not in (HEADER[:2], HEADER[:3], HEADER):
                 raise CsvFormatError(
-                    f"{source}:{number}: expected the header 'pattern;server;tls_verify', got {line!r}")
-            header_seen = True
+                    f"{source}:{number}: expected the header 'pattern;server;tls_verify' (optionally ';tls'), "
+                    f"got {line!r}")
+            columns = len(names)
             continue
-        if len(fields) not in (2, 3):
-            raise CsvFormatError(f"{source}:{number}: expected 2 or 3 ';'-separated fields, got {len(fields)}")
+        if not 2 <= len(fields) <= columns:
+            raise CsvFormatError(f"{source}:{number}: expected 2 to {columns} ';'-separated fields "
+                                 f"({';'.join(HEADER[:columns])}), got {len(fields)}")
         pattern = fields[0]
-        if not pattern or any(c.isspace() for c in pattern):
-            raise CsvFormatError(f"{source}:{number}: bad pattern {pattern!r}")
         try:
-            route = make_route(fields[1], fields[2] if len(fields) == 3 else None)
+            key = normalize_pattern(pattern, case_sensitive_local=case_sensitive_local)
+        except PatternError as exc:
+            raise CsvFormatError(f"{source}:{number}: {exc}") from None
+        if not fields[1]:
+            raise CsvFormatError(f"{source}:{number}: empty server for pattern {pattern!r}")
+        try:
+            extra = fields[2:] + [None] * (4 - len(fields))
+            route = make_route(fields[1], extra[0], extra[1])
         except RouteSyntaxError as exc:
             raise CsvFormatError(f"{source}:{number}: {exc}") from None
-        key = normalize_pattern(pattern, case_sensitive_local=case_sensitive_local)
         if key in table:
             raise CsvFormatError(f"{source}:{number}: pattern {pattern!r} appears twice")
         table[key] = route
-    if not header_seen:
+    if not columns:
         raise CsvFormatError(f"{source}: empty file, expected the header 'pattern;server;tls_verify'")
     return table
 

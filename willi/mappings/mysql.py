@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,8 +38,11 @@ from dataclasses import dataclass
 from mysql.connector import errors as dberrors
 from mysql.connector.connection import MySQLConnection
 from mysql.connector.cursor import MySQLCursor
+from mysql.connector.network import MySQLSocket, MySQLTCPSocket
 
+from willi.address import PatternError, pattern_key
 from willi.config import SqlMappingConfig
+from willi.dns import DNS, DnsError
 from willi.mappings.base import MappingError
 from willi.route import Route, RouteSyntaxError, make_route
 from willi.sqlquery import convert_placeholder
@@ -47,6 +51,8 @@ log = logging.getLogger(__name__)
 
 #: The key `check` looks up: valid syntax, never a real recipient (RFC 2606).
 PROBE_KEY = "willi-check.invalid"
+#: Rows looked at per lookup (a pattern column may rule out the first ones).
+MAX_ROWS = 16
 
 # Errors the server reports about the statement itself; the connection
 # stays usable after them (unknown table, bad syntax, wrong parameter count).
@@ -63,6 +69,53 @@ _TIMEOUT_ERRORS = (
     dberrors.WriteTimeoutError,
     dberrors.ConnectionTimeoutError,
 )
+
+
+class _BoundedTCPSocket(MySQLTCPSocket):
+    """The connector's TCP socket, with the host name resolved by Willi's bounded DNS.
+
+    The connector calls getaddrinfo itself, which no timeout bounds (a slow
+    resolver took 6 s against a 2 s connect_timeout, again for every
+    recipient). Here the name is resolved within `connect_timeout` and the
+    connection is made to the address; the name stays the server's name for
+    TLS (SNI and host name verification).
+    """
+
+    def open_connection(self) -> None:
+        timeout = self._connection_timeout or 5.0
+        try:
+            addresses = DNS.resolve(self.server_host, self.server_port, timeout)
+        except DnsError as exc:
+            raise dberrors.InterfaceError(errno=2005, msg=f"cannot resolve {self.server_host}: {exc}") from None
+        family, sockaddr = next(((f, a) for f, a in addresses if f == socket.AF_INET6), addresses[0]) \
+            if self.force_ipv6 else next(((f, a) for f, a in addresses if f == socket.AF_INET), addresses[0])
+        self._family = family
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(sockaddr)
+        except (TimeoutError, socket.timeout):
+            sock.close()
+            raise dberrors.ConnectionTimeoutError(
+                errno=2003, msg=f"Can't connect to MySQL server on '{self.server_host}:{self.server_port}' "
+                                "(timed out)") from None
+        except OSError as exc:
+            sock.close()
+            raise dberrors.InterfaceError(
+                errno=2003, msg=f"Can't connect to MySQL server on '{self.server_host}:{self.server_port}' "
+                                f"({exc.strerror or exc})") from None
+        self.sock = sock
+
+
+class _BoundedConnection(MySQLConnection):
+    """MySQLConnection that opens TCP through `_BoundedTCPSocket`."""
+
+    def _get_connection(self) -> MySQLSocket:
+        if self._unix_socket:
+            return super()._get_connection()
+        conn = _BoundedTCPSocket(host=self.server_host, port=self.server_port, force_ipv6=self._force_ipv6)
+        conn.set_connection_timeout(self._connection_timeout)
+        return conn
 
 
 def describe(config: SqlMappingConfig) -> str:
@@ -98,9 +151,11 @@ class _Session:
 class SqlMapping:
     """A Mapping backed by one SQL query run with the key as its parameter."""
 
-    def __init__(self, config: SqlMappingConfig, index: int) -> None:
+    def __init__(self, config: SqlMappingConfig, index: int, *, case_sensitive_local: bool = False) -> None:
         self.config = config
         self.index = index
+        self.case_sensitive_local = case_sensitive_local
+        self._warned_inexact = False
         self.name = describe(config)
         self._query = convert_placeholder(config.query)
         self._read_timeout = max(1, math.ceil(config.read_timeout))
@@ -154,12 +209,12 @@ class SqlMapping:
                 f"(pool_size {self.config.pool_size})"
             )
         try:
-            columns, row = self._query_with_retry(key, fresh)
+            columns, rows = self._query_with_retry(key, fresh)
         finally:
             self._slots.release()
-        return self._route(key, columns, row)
+        return self._route(key, columns, rows)
 
-    def _query_with_retry(self, key: str, fresh: bool) -> tuple[tuple[str, ...], tuple[object, ...] | None]:
+    def _query_with_retry(self, key: str, fresh: bool) -> tuple[tuple[str, ...], list[tuple[object, ...]]]:
         """Run the query; retry once on a new connection if a pooled one was dead."""
         session = None if fresh else self._take_idle()
         reused = session is not None
@@ -177,11 +232,11 @@ class SqlMapping:
         except Exception as err:
             raise self._query_error(key, err) from None
 
-    def _execute(self, session: _Session, key: str) -> tuple[tuple[str, ...], tuple[object, ...] | None]:
+    def _execute(self, session: _Session, key: str) -> tuple[tuple[str, ...], list[tuple[object, ...]]]:
         """Run the query on a session we own; give it back or discard it."""
         try:
             session.cursor.execute(self._query, (key,))
-            row = session.cursor.fetchone()
+            rows = session.cursor.fetchmany(MAX_ROWS)
             columns = tuple(session.cursor.column_names)
         except _STATEMENT_ERRORS:
             self._give_back(session)
@@ -190,7 +245,7 @@ class SqlMapping:
             session.discard()
             raise
         self._give_back(session)
-        return columns, row
+        return columns, rows
 
     def _take_idle(self) -> _Session | None:
         with self._lock:
@@ -211,7 +266,7 @@ class SqlMapping:
         password = self._secret = self._password()
         conn: MySQLConnection | None = None
         try:
-            conn = MySQLConnection(**self._connect_args(password))
+            conn = _BoundedConnection(**self._connect_args(password))
             if self.config.tls and not conn.is_secure:
                 # Without certificate verification the connector quietly falls
                 # back to plaintext when the server offers no TLS; refuse that.
@@ -293,26 +348,57 @@ class SqlMapping:
 
     # -- results and errors -------------------------------------------------
 
-    def _route(self, key: str, columns: tuple[str, ...], row: tuple[object, ...] | None) -> Route | None:
-        """Turn the first row into a Route; a missing column is an error even without rows."""
+    def _route(self, key: str, columns: tuple[str, ...], rows: list[tuple[object, ...]]) -> Route | None:
+        """Turn the answer into a Route; a missing column is an error even without rows.
+
+        When the query also returns the `pattern` column, a row counts only
+        if that pattern, normalized as Willi normalizes keys, is the key
+        itself: a case-, accent- or width-insensitive collation
+        (utf8mb4_general_ci matches `exämple` with `example`) then cannot
+        route a recipient by a row that is not its own.
+        """
         lowered = [name.lower() for name in columns]
         if "server" not in lowered:
             raise MappingError(
                 f"{self.name}: the query returns no 'server' column "
                 f"(it returns: {', '.join(columns) or 'nothing'}); use e.g. SELECT host AS server"
             )
+        row = self._matching_row(key, lowered, rows)
         if row is None:
             return None
         server = row[lowered.index("server")]
         tls_verify = row[lowered.index("tls_verify")] if "tls_verify" in lowered else None
+        tls = row[lowered.index("tls")] if "tls" in lowered else None
         try:
             if server is None:
                 raise RouteSyntaxError("server is NULL")
             if isinstance(server, (bytes, bytearray)):
                 server = bytes(server).decode("utf-8")
-            return make_route(str(server), tls_verify)
+            return make_route(str(server), tls_verify, tls)
         except (RouteSyntaxError, UnicodeDecodeError) as err:
             raise MappingError(f"{self.name}: bad row for key {key!r}: {err}") from None
+
+    def _matching_row(self, key: str, lowered: list[str], rows: list[tuple[object, ...]]) -> tuple[object, ...] | None:
+        if not rows:
+            return None
+        if "pattern" not in lowered:
+            return rows[0]
+        where = lowered.index("pattern")
+        for row in rows:
+            pattern = row[where]
+            if isinstance(pattern, (bytes, bytearray)):
+                pattern = bytes(pattern).decode("utf-8", "replace")
+            try:
+                if pattern_key(str(pattern), case_sensitive_local=self.case_sensitive_local) == key:
+                    return row
+            except PatternError:
+                continue
+        if not self._warned_inexact:
+            self._warned_inexact = True
+            log.warning("%s: the database returned pattern %r for key %r, which is not the key: its comparison is "
+                        "not exact (collation); the row is ignored. Compare keys exactly, e.g. with a VARBINARY "
+                        "pattern column (README, MySQL mappings)", self.name, rows[0][where], key)
+        return None
 
     def _query_error(self, key: str, err: BaseException) -> MappingError:
         if isinstance(err, MappingError):
