@@ -267,7 +267,7 @@ def _daemon_main(config: Config, path: str, service: WilliService, metrics_liste
         if metrics_listener is not None:
             preserve.append(metrics_listener)
         if log_handler is not None:
-            preserve.append(log_handler.stream)
+            preserve.append(log_handler.fd)
         context = python_daemon.DaemonContext(
             detach_process=False, working_directory="/", umask=0o027, prevent_core=True,
             files_preserve=preserve, signal_map=signals.signal_map())

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import ipaddress
 import mmap
 import os
 import secrets
+import socket
 import struct
 import tempfile
 import threading
@@ -32,6 +32,7 @@ import threading
 _HEADER = struct.Struct("=II")  # total, used keys (live + stale) in this region
 _ENTRY = struct.Struct("=16sI")  # address (IPv6 or IPv4-mapped), count
 _EMPTY = bytes(16)
+_MAPPED = b"\x00" * 10 + b"\xff\xff"
 STRESS_FRACTION = 0.8
 
 
@@ -45,11 +46,11 @@ def _capacity_for(max_connections: int) -> int:
 def address_key(ip: str) -> bytes:
     """16 octets per address: IPv6 as it is, IPv4 as IPv4-mapped IPv6."""
     try:
-        addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    except ValueError:
+        if ":" not in ip:
+            return _MAPPED + socket.inet_pton(socket.AF_INET, ip)
+        return socket.inet_pton(socket.AF_INET6, ip.split("%", 1)[0])
+    except (OSError, ValueError):
         return hashlib.blake2b(ip.encode("utf-8", "replace"), digest_size=16).digest()
-    packed = addr.packed
-    return packed if len(packed) == 16 else b"\x00" * 10 + b"\xff\xff" + packed
 
 
 class Ticket:

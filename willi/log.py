@@ -13,6 +13,13 @@ from typing import Any
 
 TRANSACTION_LOGGER = "willi.transaction"
 
+# No record carries the process id, thread name or multiprocessing name: each costs a call (getpid is a
+# system call) per log record, and none is shown.
+logging.logProcesses = False
+logging.logMultiprocessing = False
+logging.logThreads = False
+logging._srcfile = None  # no caller lookup (a stack walk per record): no format shows file or line
+
 
 _SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
@@ -63,17 +70,26 @@ def logfmt(fields: Mapping[str, Any]) -> str:
 
 
 class LogfmtFormatter(logging.Formatter):
-    """`time=... level=info msg` in the foreground and in files."""
+    """`time=... level=info msg` in the foreground and in files.
+
+    The time prefix is formatted once per second (strftime and localtime
+    per record were a measurable share of a busy Willi's time).
+    """
 
     def __init__(self, with_time: bool = True) -> None:
         super().__init__()
         self.with_time = with_time
+        self._second = -1
+        self._stamp = ""
 
     def format(self, record: logging.LogRecord) -> str:
         prefix = ""
         if self.with_time:
-            ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
-            prefix = f"time={ts}.{int(record.msecs):03d} "
+            second = int(record.created)
+            if second != self._second:
+                self._stamp = time.strftime("time=%Y-%m-%dT%H:%M:%S", time.localtime(second))
+                self._second = second
+            prefix = f"{self._stamp}.{int(record.msecs):03d} "
         line = f"{prefix}level={record.levelname.lower()} {escape_text(record.getMessage())}"
         if record.exc_info:
             # A traceback is several lines by nature; each line is escaped like the message.
@@ -81,7 +97,32 @@ class LogfmtFormatter(logging.Formatter):
         return line
 
 
-class ReopenableFileHandler(logging.FileHandler):
+class LineHandler(logging.Handler):
+    """Each record is one write() of its whole line to a file descriptor.
+
+    No buffered stream between the record and the descriptor: one system
+    call per line, and several processes (workers) writing to one file
+    with O_APPEND never interleave inside a line.
+    """
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self.fd = fd
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            data = (self.format(record) + "\n").encode("utf-8", "backslashreplace")
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view):]
+        except Exception:
+            self.handleError(record)
+
+    def fileno(self) -> int:
+        return self.fd
+
+
+class ReopenableFileHandler(LineHandler):
     """A log file that `reopen()` opens again by name: SIGUSR1 after logrotate moved it.
 
     Unlike WatchedFileHandler it does not stat the file for every record;
@@ -90,19 +131,28 @@ class ReopenableFileHandler(logging.FileHandler):
     """
 
     def __init__(self, filename: str | Path) -> None:
-        super().__init__(str(filename), mode="a", encoding="utf-8", errors="backslashreplace")
+        self.baseFilename = os.path.abspath(str(filename))
+        super().__init__(self._open())
 
-    def _open(self):  # type: ignore[no-untyped-def]
-        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-        return open(fd, "a", encoding=self.encoding, errors=self.errors)
+    def _open(self) -> int:
+        return os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
 
     def reopen(self) -> None:
-        """Open the file by name again; on error (raised) the old stream stays in use."""
+        """Open the file by name again; on error (raised) the old descriptor stays in use."""
         new = self._open()
         with self.lock:  # type: ignore[union-attr]
-            old, self.stream = self.stream, new
-            if old is not None:
-                old.close()
+            old, self.fd = self.fd, new
+        os.close(old)
+
+    def close(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            fd, self.fd = self.fd, -1
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        super().close()
 
 
 def reopen_log_files() -> list[tuple[str, OSError | None]]:
@@ -141,7 +191,7 @@ def setup_logging(level: str, *, target: str = "stderr", logfile: Path | None = 
         handler.ident = f"willi[{os.getpid()}]: "
         handler.setFormatter(LogfmtFormatter(with_time=False))
     else:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = LineHandler(sys.stderr.fileno())
         handler.setFormatter(LogfmtFormatter())
     root = logging.getLogger("willi")
     for old in list(root.handlers):

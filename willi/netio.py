@@ -53,6 +53,21 @@ class LineTooLong(ChannelError):
     """A line over the limit; it has been discarded up to its end."""
 
 
+def _slack(remaining: float) -> float:
+    """How far a kernel timeout may overshoot the step's deadline before it is worth a setsockopt.
+
+    Each new step's remaining time is a hair shorter than the value set for
+    the last one; without some slack every step would cost a system call.
+    """
+    return min(1.0, remaining * 0.25)
+
+
+def set_kernel_timeouts(sock: socket.socket, rcv: float, snd: float) -> None:
+    """SO_RCVTIMEO/SO_SNDTIMEO; on a listening socket they are inherited by every accepted one (Linux)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(rcv))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(snd))
+
+
 def _timeval(seconds: float) -> bytes:
     seconds = max(seconds, 0.001)  # 0 would mean "no timeout" to the kernel
     whole = int(seconds)
@@ -64,13 +79,15 @@ class Channel:
 
     __slots__ = ("_poll", "_rcv", "_snd", "buffer", "sock", "tls")
 
-    def __init__(self, sock: socket.socket) -> None:
-        sock.settimeout(None)
+    def __init__(self, sock: socket.socket, rcv: float = 0.0, snd: float = 0.0) -> None:
+        """`rcv`/`snd`: kernel timeouts the socket already has (accepted sockets inherit the listener's)."""
+        if sock.gettimeout() is not None:
+            sock.settimeout(None)
         self.sock: socket.socket = sock
         self.buffer = bytearray()
         self.tls = False
-        self._rcv = 0.0  # kernel SO_RCVTIMEO in force; 0 = none set yet
-        self._snd = 0.0
+        self._rcv = rcv  # kernel SO_RCVTIMEO in force; 0 = none set yet
+        self._snd = snd
         self._poll: select.poll | None = None
 
     # ------------------------------------------------------------ reading
@@ -91,7 +108,7 @@ class Channel:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimedOut()
-            if self._rcv == 0 or self._rcv > remaining:
+            if self._rcv == 0 or self._rcv > remaining + _slack(remaining):
                 self._set_rcv(remaining)
             try:
                 return sock.recv(size)
@@ -194,10 +211,19 @@ class Channel:
 
     def send(self, data: bytes | bytearray | memoryview, deadline: float) -> None:
         """Write all of `data` within `deadline`."""
-        view = memoryview(data)
         sock = self.sock
         if not self.tls:
             self.prepare_send(deadline)
+            try:  # the usual case: everything in one call
+                sent = sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                raise Closed(str(exc)) from None
+            if sent == len(data):
+                return
+            data = memoryview(data)[sent:]
+        view = memoryview(data)
         while view:
             try:
                 sent = sock.send(view)
@@ -236,7 +262,7 @@ class Channel:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimedOut()
-        if self._snd == 0 or self._snd > remaining:
+        if self._snd == 0 or self._snd > remaining + _slack(remaining):
             self._writable(deadline)
 
     # ------------------------------------------------------------ TLS and closing

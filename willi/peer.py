@@ -39,12 +39,17 @@ class Peer:
     proxy: str | None = None
 
     @classmethod
-    def from_socket(cls, sock: socket.socket, address: tuple) -> Peer:
-        try:
-            local = sock.getsockname()
-            local_addr, local_port = normalize_ip(local[0]), local[1]
-        except OSError:
-            local_addr, local_port = "", 0
+    def from_socket(cls, sock: socket.socket, address: tuple, listener: tuple | None = None) -> Peer:
+        """The peer of an accepted socket. `listener` is the listening address: when it is not a
+        wildcard it is the local address too, which saves a getsockname() per connection."""
+        if listener is not None and listener[0] not in ("0.0.0.0", "::"):
+            local_addr, local_port = normalize_ip(listener[0]), listener[1]
+        else:
+            try:
+                local = sock.getsockname()
+                local_addr, local_port = normalize_ip(local[0]), local[1]
+            except OSError:
+                local_addr, local_port = "", 0
         return cls(normalize_ip(address[0]), address[1], local_addr, local_port)
 
     @property

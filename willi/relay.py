@@ -171,12 +171,12 @@ class Relay:
         never the verdict on this message.
         """
         for attempt in (1, 2):
-            conn, reused, pooled = self._connection_for(route)
+            conn, reused = self._connection_for(route)
             params = conn.upstream_params(tx.params)
             if params is None:
                 return Reply.of(550, "5.6.7 Upstream server does not support SMTPUTF8")
             try:
-                mail_reply, rcpt_reply = conn.mail_and_rcpt(tx.sender, params, address, reset=pooled)
+                mail_reply, rcpt_reply = conn.mail_and_rcpt(tx.sender, params, address)
             except UpstreamError:
                 if reused and attempt == 1:
                     self.drop(polite=False)
@@ -191,21 +191,23 @@ class Relay:
             return rcpt_reply
         raise AssertionError("unreachable")
 
-    def _connection_for(self, route: Route) -> tuple[UpstreamConnection, bool, bool]:
-        """(connection, reused, from the pool) for `route`; the one we have when it serves the route."""
+    def _connection_for(self, route: Route) -> tuple[UpstreamConnection, bool]:
+        """(connection, reused) for `route`: the one we have when it serves the route, a pooled one, or new."""
         conn = self.conn
         if conn is not None and conn.alive and route.same_upstream(self.route):
             if conn.in_transaction:
                 conn.rset()
             if conn.alive and not conn.channel.pending():  # type: ignore[union-attr]
-                return conn, True, False
+                return conn, True
         self.drop()
         identity = self.identity()
+        prefetch = None
         if self.config.client_name_lookup and self.runtime.connector.xclient_mode(route) != "off":
-            self.runtime.dns.prefetch_reverse(identity.addr)  # overlaps the lookup with connecting
-        conn, pooled = self.runtime.connector.open(route, identity, self.client_tls(), self.sid)
+            def prefetch() -> None:  # a new connection may ask for NAME: overlap the lookup with connecting
+                self.runtime.dns.prefetch_reverse(identity.addr)
+        conn, pooled = self.runtime.connector.open(route, identity, self.client_tls(), self.sid, prefetch)
         self.conn, self.route = conn, route
-        return conn, pooled, pooled
+        return conn, pooled
 
     # ---------------------------------------------------------- data
 

@@ -8,6 +8,7 @@ upstream side": fail over only before anything reached the client).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -25,6 +26,15 @@ _HOSTNAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z
 def format_endpoint(host: str, port: int) -> str:
     """`host:port`, with an IPv6 address in brackets: the one way Willi writes an endpoint."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@functools.lru_cache(maxsize=1024)
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
 
 
 class RouteSyntaxError(ValueError):
@@ -45,11 +55,7 @@ class Hop:
 
     @property
     def is_address(self) -> bool:
-        try:
-            ipaddress.ip_address(self.host.split("%", 1)[0])
-        except ValueError:
-            return False
-        return True
+        return _is_address(self.host)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ import time
 from willi.config import Config, ListenAddress
 from willi.lifecycle import Lifecycle
 from willi.limits import SharedLimits, Ticket
-from willi.netio import is_transient_accept_error
+from willi.netio import is_transient_accept_error, set_kernel_timeouts
 from willi.peer import Peer, normalize_ip
 from willi.route import format_endpoint
 from willi.runtime import Runtime
@@ -35,7 +35,6 @@ from willi.session import SmtpSession
 
 log = logging.getLogger("willi.server")
 
-ACCEPT_BATCH = 64
 THREAD_STACK = 512 * 1024
 BACKOFF_MAX = 1.0
 
@@ -46,7 +45,8 @@ class SessionHandler(socketserver.BaseRequestHandler):
     server: WilliServer
 
     def handle(self) -> None:
-        self.server.service.run_session(self.request, self.client_address, self.server.tickets.get(self.request))
+        server = self.server
+        server.service.run_session(self.request, self.client_address, server.tickets.get(self.request), server)
 
 
 class WilliServer(socketserver.ThreadingTCPServer):
@@ -60,6 +60,9 @@ class WilliServer(socketserver.ThreadingTCPServer):
         self.address_family = address.family
         self.request_queue_size = backlog  # the kernel caps it at net.core.somaxconn
         self.service = service
+        config = service.config
+        #: Kernel receive/send timeouts every accepted socket inherits (the session adjusts them per step).
+        self.timeouts = (config.read_timeout, config.write_timeout)
         self.tickets: dict[socket.socket, Ticket] = {}
         super().__init__((address.host, address.port), SessionHandler, bind_and_activate=False)
         try:
@@ -73,6 +76,10 @@ class WilliServer(socketserver.ThreadingTCPServer):
     def server_bind(self) -> None:
         if self.address_family == socket.AF_INET6:
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        # Replies go out as whole batches already. Accepted sockets inherit this and the timeouts (Linux):
+        # three system calls saved per connection.
+        self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        set_kernel_timeouts(self.socket, *self.timeouts)
         super().server_bind()
 
     def verify_request(self, request: socket.socket, client_address: tuple) -> bool:  # type: ignore[override]
@@ -92,18 +99,32 @@ class WilliServer(socketserver.ThreadingTCPServer):
         return False
 
     def shutdown_request(self, request: socket.socket) -> None:  # type: ignore[override]
-        """Every accepted socket passes here exactly once: the slot goes back with it."""
+        """Every accepted socket passes here exactly once: the slot goes back with it.
+
+        The session has closed its connection itself (politely, TLS
+        close_notify included); socketserver's shutdown(SHUT_WR) would only
+        fail on the closed socket, so the socket is just closed.
+        """
         ticket = self.tickets.pop(request, None)
         if ticket is not None:
             ticket.release()
-        super().shutdown_request(request)
+        self.close_request(request)
+
+    def process_request(self, request: socket.socket, client_address: tuple) -> None:  # type: ignore[override]
+        """One thread per client, as ThreadingMixIn; the thread is reused afterwards (SessionThreads)."""
+        self.service.threads.submit(self, request, client_address)
 
     def handle_error(self, request: object, client_address: tuple) -> None:
         log.exception("client=%s unhandled error in connection thread", client_address)
 
+    def get_request(self) -> tuple[socket.socket, tuple]:
+        """socket.accept() without its enum conversions (family, type): plain ints are as good here."""
+        fd, client_address = self.socket._accept()  # type: ignore[attr-defined]
+        return socket.socket(self.address_family, socket.SOCK_STREAM, 0, fd), client_address
+
     def accept_one(self) -> bool:
-        """Accept and dispatch one connection as socketserver's _handle_request_noblock does; False when none."""
-        request, client_address = self.socket.accept()
+        """Accept and dispatch one connection as socketserver's _handle_request_noblock does."""
+        request, client_address = self.get_request()
         if self.verify_request(request, client_address):
             try:
                 self.process_request(request, client_address)
@@ -116,6 +137,72 @@ class WilliServer(socketserver.ThreadingTCPServer):
         else:
             self.shutdown_request(request)
         return True
+
+
+class SessionThreads:
+    """Session threads that are reused: one client per thread at a time, like ThreadingMixIn without
+    a thread start and exit per client (a clone, a stack mmap and a handshake on the GIL each).
+
+    An idle thread waits for its next client at most IDLE_THREAD_TIME and keeps no more than
+    MAX_IDLE_THREADS others company; a burst leaves no crowd of sleeping threads behind.
+    """
+
+    IDLE_THREAD_TIME = 60.0
+    MAX_IDLE_THREADS = 64
+
+    def __init__(self) -> None:
+        self._idle: list[_SessionThread] = []
+        self._lock = threading.Lock()
+
+    def submit(self, server: WilliServer, request: socket.socket, client_address: tuple) -> None:
+        """Run the client's session on an idle thread, or a new one (RuntimeError if none can start)."""
+        with self._lock:
+            worker = self._idle.pop() if self._idle else None
+        if worker is not None:
+            worker.job = (server, request, client_address)
+            worker.wake.release()
+            return
+        worker = _SessionThread(self, (server, request, client_address))
+        worker.start()
+
+    def _park(self, worker: _SessionThread) -> bool:
+        """Back to the idle stack after a session; False when the thread should end instead."""
+        with self._lock:
+            if len(self._idle) >= self.MAX_IDLE_THREADS:
+                return False
+            self._idle.append(worker)
+        if worker.wake.acquire(timeout=self.IDLE_THREAD_TIME):
+            return True
+        with self._lock:
+            if worker in self._idle:
+                self._idle.remove(worker)
+                return False
+        worker.wake.acquire()  # popped just now by submit: its job is on the way
+        return True
+
+
+class _SessionThread(threading.Thread):
+    def __init__(self, pool: SessionThreads, job: tuple[WilliServer, socket.socket, tuple]) -> None:
+        super().__init__(name="willi-session", daemon=True)
+        self.pool = pool
+        self.job: tuple[WilliServer, socket.socket, tuple] | None = job
+        self.wake = threading.Lock()
+        self.wake.acquire()
+
+    def run(self) -> None:
+        while True:
+            job, self.job = self.job, None
+            if job is not None:
+                server, request, client_address = job
+                try:
+                    server.finish_request(request, client_address)
+                except Exception:
+                    server.handle_error(request, client_address)
+                finally:
+                    server.shutdown_request(request)
+                del job, server, request
+            if not self.pool._park(self):
+                return
 
 
 class Acceptor:
@@ -168,27 +255,29 @@ class Acceptor:
                 for key, _ in selector.select(backoff or None):
                     if key.data is None:
                         return
-                    backoff = self._drain_queue(key.data, backoff)
+                    backoff = self._accept(key.data, backoff)
                 if backoff:
                     time.sleep(backoff)  # out of descriptors: give the sessions time to end
         finally:
             selector.close()
 
-    def _drain_queue(self, server: WilliServer, backoff: float) -> float:
-        """Accept what is waiting (up to a batch); the new backoff."""
-        for _ in range(ACCEPT_BATCH):
-            if self._stop:
-                return 0.0
-            try:
-                server.accept_one()
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                if is_transient_accept_error(exc):
-                    return self._starving(server, exc, backoff)
-                if exc.errno not in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
-                    log.warning("accept on %s failed: %s", format_endpoint(*server.server_address[:2]), exc)
-                break
+    def _accept(self, server: WilliServer, backoff: float) -> float:
+        """Accept one waiting connection; the new backoff.
+
+        One per readiness event: the selector is level-triggered, so a queue
+        of several brings us straight back, and the usual single connection
+        costs no second accept() that only says EAGAIN.
+        """
+        try:
+            server.accept_one()
+        except BlockingIOError:
+            return 0.0
+        except OSError as exc:
+            if is_transient_accept_error(exc):
+                return self._starving(server, exc, backoff)
+            if exc.errno not in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
+                log.warning("accept on %s failed: %s", format_endpoint(*server.server_address[:2]), exc)
+            return 0.0
         if self._starved:
             self._starved = False
             log.warning("accepting connections again: file descriptors are available")
@@ -228,6 +317,7 @@ class WilliService:
         self.limits = limits or SharedLimits(1, config.max_connections)
         self.limits.configure(config.max_connections, config.max_connections_per_ip)
         self.lifecycle = Lifecycle()
+        self.threads = SessionThreads()
         self.servers: list[WilliServer] = []
         self.acceptor: Acceptor | None = None
         self._sessions: set[SmtpSession] = set()
@@ -291,10 +381,14 @@ class WilliService:
 
     # ---------------------------------------------------------- sessions
 
-    def run_session(self, sock: socket.socket, client_address: tuple, ticket: Ticket | None) -> None:
+    def run_session(self, sock: socket.socket, client_address: tuple, ticket: Ticket | None,
+                    server: WilliServer | None = None) -> None:
         """The body of a connection thread: one session, counted while it lives."""
         runtime = self._acquire_runtime()
-        session = SmtpSession(sock, Peer.from_socket(sock, client_address), runtime, self.lifecycle, ticket)
+        listener = server.server_address if server is not None else None
+        timeouts = server.timeouts if server is not None else (0.0, 0.0)
+        session = SmtpSession(sock, Peer.from_socket(sock, client_address, listener), runtime, self.lifecycle,
+                              ticket, timeouts)
         with self._sessions_lock:
             self._sessions.add(session)
         try:

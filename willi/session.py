@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import base64
 import logging
-import secrets
+import os
+import random
 import socket
 import time
 from collections.abc import Callable
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("willi.session")
 txlog = logging.getLogger(TRANSACTION_LOGGER)
 
-DATA_CHUNK = 262144
+DATA_CHUNK = 65536  # below malloc's mmap threshold: no mmap/munmap per read
 FLUSH_AT = 16384  # replies buffered beyond this are written even while commands are waiting
 NAME_LOOKUP_WAIT = 5.0
 #: RCPTs past max_recipients that are answered 452 before each further one counts as an error (Postfix's
@@ -78,26 +79,28 @@ class _Unlimited:
         return False
 
 
+_ids = random.Random()
+os.register_at_fork(after_in_child=_ids.seed)  # workers must not repeat each other's ids
+
+
 def new_session_id() -> str:
-    """Six characters for grepping logs; one urandom call, not one per character."""
-    return base64.b32encode(secrets.token_bytes(5)).decode()[:6]
+    """Six characters for grepping logs: 30 random bits, no system call (they need not be secret)."""
+    return base64.b32encode(_ids.getrandbits(40).to_bytes(5, "big")).decode()[:6]
 
 
 class SmtpSession:
     """The dialog with one client, from greeting to QUIT."""
 
     def __init__(self, sock: socket.socket, peer: Peer, runtime: Runtime, lifecycle: Lifecycle | None = None,
-                 admission: Admission | None = None) -> None:
+                 admission: Admission | None = None, timeouts: tuple[float, float] = (0.0, 0.0)) -> None:
+        """`timeouts`: the kernel receive and send timeouts the socket inherited from its listener."""
         self.runtime = runtime
         self.config = runtime.config
         self.lifecycle = lifecycle or Lifecycle()
         self.admission: Admission = admission or _Unlimited()
         self.peer = peer
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # replies are whole batches already
-        except OSError:
-            pass
-        self.channel = Channel(sock)
+        # TCP_NODELAY and the kernel timeouts come from the listener (Linux copies them to accepted sockets).
+        self.channel = Channel(sock, *timeouts)
         self.out: list[bytes] = []
         self.out_size = 0
         self.sid = new_session_id()
@@ -111,6 +114,7 @@ class SmtpSession:
         self.closing = False
         self.idle = False
         self._name: str | None = None
+        self.debug = log.isEnabledFor(logging.DEBUG)  # the dialog log, decided once per session
 
     # ---------------------------------------------------------- who the client is
 
@@ -137,7 +141,8 @@ class SmtpSession:
 
     def respond(self, reply: Reply, *, own: bool = True) -> None:
         """Queue a reply. Willi's own 5xx replies (not relayed ones) count towards `max_errors`."""
-        log.debug("sid=%s S: %s", self.sid, reply)
+        if self.debug:
+            log.debug("sid=%s S: %s", self.sid, reply)
         data = reply.encode()
         self.out.append(data)
         self.out_size += len(data)
@@ -264,7 +269,8 @@ class SmtpSession:
 
     def dispatch(self, line: bytes) -> None:
         verb, arg = split_command(line)
-        log.debug("sid=%s C: %s", self.sid, line.rstrip(b"\r\n")[:200].decode("utf-8", "surrogateescape"))
+        if self.debug:
+            log.debug("sid=%s C: %s", self.sid, line.rstrip(b"\r\n")[:200].decode("utf-8", "surrogateescape"))
         handler = self.HANDLERS.get(verb)
         if verb in JUNK_VERBS:
             self.junk += 1

@@ -156,6 +156,7 @@ class UpstreamConnection:
         self.transactions = 0  # completed MAIL..dot exchanges on this connection
         self.faulted = False  # an error, a timeout or a 421: never reuse
         self.idle_since = 0.0
+        self.debug = log.isEnabledFor(logging.DEBUG)
 
     @property
     def endpoint(self) -> str:
@@ -213,7 +214,8 @@ class UpstreamConnection:
             self.close(polite=False)
             raise protocol_error(f"{self.endpoint}: {exc}", stage) from None
         reply = Reply(code, tuple(lines))
-        log.debug("sid=%s upstream=%s S: %s", self.sid, self.endpoint, reply)
+        if self.debug:
+            log.debug("sid=%s upstream=%s S: %s", self.sid, self.endpoint, reply)
         if code == 421:
             self.close(polite=False)  # RFC 5321 3.8: the server is closing the channel, whatever the command
         return reply
@@ -227,7 +229,8 @@ class UpstreamConnection:
 
     def command(self, line: str, timeout: float | None = None, stage: str = "command") -> Reply:
         """Send one command line and return the upstream's reply (which must be all it sends)."""
-        log.debug("sid=%s upstream=%s C: %s", self.sid, self.endpoint, line)
+        if self.debug:
+            log.debug("sid=%s upstream=%s C: %s", self.sid, self.endpoint, line)
         self.send(line.encode("utf-8", "surrogateescape") + b"\r\n")
         reply = self.read_reply(timeout, stage)
         if self.channel is not None:
@@ -240,8 +243,9 @@ class UpstreamConnection:
         Stops early when the connection closes (a 421): fewer replies than
         commands then come back.
         """
-        for line in lines:
-            log.debug("sid=%s upstream=%s C: %s", self.sid, self.endpoint, line)
+        if self.debug:
+            for line in lines:
+                log.debug("sid=%s upstream=%s C: %s", self.sid, self.endpoint, line)
         self.send(b"".join(line.encode("utf-8", "surrogateescape") + b"\r\n" for line in lines))
         replies = []
         for _ in lines:
@@ -360,35 +364,22 @@ class UpstreamConnection:
 
     # ---------------------------------------------------------- transaction
 
-    def mail_and_rcpt(self, sender: str, params: dict[str, str | None], recipient: str, *,
-                      reset: bool = False) -> tuple[Reply, Reply | None]:
+    def mail_and_rcpt(self, sender: str, params: dict[str, str | None], recipient: str) -> tuple[Reply, Reply | None]:
         """MAIL FROM and the first RCPT TO, in one write when the upstream offers PIPELINING.
 
-        With `reset`, an RSET goes first (a pooled connection: it also proves
-        the connection is alive). Returns the MAIL reply and the RCPT reply
-        (None when MAIL was refused). A refused RSET raises UpstreamError.
+        Returns the MAIL reply and the RCPT reply (None when MAIL was refused).
         """
         text = format_params(params)
         mail = f"MAIL FROM:<{sender}>" + (f" {text}" if text else "")
         rcpt = f"RCPT TO:<{recipient}>"
-        commands = (["RSET"] if reset else []) + [mail, rcpt]
         if "PIPELINING" in self.extensions:
-            replies = self.pipeline(commands)
+            replies = self.pipeline([mail, rcpt])
         else:
-            replies = []
-            for line in commands:
-                replies.append(self.command(line))
-                if replies[-1].code // 100 != 2 or self.channel is None:
-                    break
-        if reset:
-            rset = replies.pop(0)
-            if rset.code != 250 or not replies:
-                self.close(polite=False)
-                raise closed(f"{self.endpoint} refused RSET: {rset}")
-        mail_reply = replies[0] if replies else None
-        if mail_reply is None:
-            raise closed(f"{self.endpoint} closed the connection")
-        self.in_transaction = mail_reply.code == 250
+            replies = [self.command(mail)]
+            if replies[0].code // 100 == 2 and self.channel is not None:
+                replies.append(self.command(rcpt))
+        mail_reply = replies[0]
+        self.in_transaction = mail_reply.code == 250 and self.channel is not None
         rcpt_reply = replies[1] if len(replies) > 1 and mail_reply.code == 250 else None
         if mail_reply.code == 250 and rcpt_reply is None:
             raise closed(f"{self.endpoint} closed the connection after MAIL")
@@ -420,7 +411,7 @@ class UpstreamConnection:
         self.send(last + b".\r\n")
         self.in_transaction = False
         reply = self.read_reply(self.timeouts.data, stage="dot")
-        if self.channel is not None and self.channel.pending():
+        if self.channel is not None and self.channel.buffer:  # what arrived with the reply (no extra syscall)
             self.close(polite=False)
             raise protocol_error(f"{self.endpoint} sent more than one reply to the final dot", "dot")
         self.transactions += 1

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 
 from willi.config import Config
 from willi.dns import DNS, DnsError, DnsPool
@@ -105,11 +105,16 @@ class Connector:
 
     # ---------------------------------------------------------- connecting
 
-    def open(self, route: Route, identity: ClientIdentity | None, client_tls: bool,
-             sid: str) -> tuple[UpstreamConnection, bool]:
+    def open(self, route: Route, identity: ClientIdentity | None, client_tls: bool, sid: str,
+             before_connect: Callable[[], None] | None = None) -> tuple[UpstreamConnection, bool]:
         """A connection ready for MAIL, and whether it came from the pool.
 
-        Raises UpstreamError with the reply for the last failure.
+        A pooled connection is clean (its last transaction ended with the
+        final reply, which resets an SMTP server's state, or with RSET) and
+        was checked for anything it said while idle; its first command is
+        the final test, and the caller replaces it once if that fails.
+        `before_connect` runs when a new connection is needed. Raises
+        UpstreamError with the reply for the last failure.
         """
         tls = self.tls_policy(route, client_tls)
         mode = self.xclient_mode(route)
@@ -119,6 +124,8 @@ class Connector:
                 conn.sid = sid
                 self.metrics.upstream_connect("reused")
                 return conn, True
+        if before_connect is not None:
+            before_connect()
         return self.connect(route, tls, identity if mode != "off" else None, mode, sid), False
 
     def connect(self, route: Route, tls: TlsPolicy, identity: ClientIdentity | None, mode: str,

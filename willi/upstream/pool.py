@@ -82,11 +82,10 @@ class UpstreamPool:
             if len(conns) > self.max_idle_per_key:
                 evicted = conns.pop(0)
             self.returned += 1
+            # No notify for a running reaper: a connection put now expires after all those it waits for.
             if self._reaper is None or not self._reaper.is_alive():
                 self._reaper = threading.Thread(target=self._reap, name="willi-upstream-pool", daemon=True)
                 self._reaper.start()
-            else:
-                self._cond.notify()
         if evicted is not None:
             evicted.quit()
         return True
