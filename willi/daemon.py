@@ -64,10 +64,10 @@ def fail(message: str, status: int = 1) -> int:
     return status
 
 
-def startup_warnings(config: Config, identity: Identity | None) -> list[str]:
-    """What the operator should hear about, though the daemon can run."""
+def startup_warnings(config: Config, identity: Identity | None, *, detached: bool = True) -> list[str]:
+    """What the operator should hear about, though Willi can run."""
     warnings = [w for w in (root_warning(config, identity), domain_warning(config)) if w]
-    if config.logfile is None and not os.path.exists("/dev/log"):
+    if detached and config.logfile is None and not os.path.exists("/dev/log"):
         warnings.append("no logfile is set and there is no /dev/log: log messages go to syslog "
                         "over UDP to localhost:514")
     return warnings
@@ -146,7 +146,7 @@ def run_foreground(config: Config) -> int:
         identity = resolve_identity(config)
         service, metrics_listener = bind(config)
         drop_privileges(identity)
-        for warning in startup_warnings(config, identity):
+        for warning in startup_warnings(config, identity, detached=False):
             log.warning("%s", warning)
         main = begin_serving(service, config, path, signals, metrics_listener)
     except (*STARTUP_ERRORS, StartupError) as exc:
