@@ -27,7 +27,7 @@ def normalize_ip(addr: str) -> str:
     return str(ip)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Peer:
     """The client's address and port, where it connected to, and how Willi learned it."""
 

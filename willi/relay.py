@@ -56,7 +56,7 @@ class Refusals:
         return text + (f",+{self.count - len(self.items)} more" if self.count > len(self.items) else "")
 
 
-@dataclass
+@dataclass(slots=True)
 class Transaction:
     """The envelope of one MAIL..DATA exchange and what became of it."""
 
@@ -96,6 +96,8 @@ def relayable(reply: Reply) -> Reply:
 
 class Relay:
     """The upstream side of one client connection."""
+
+    __slots__ = ("client_tls", "config", "conn", "identity", "in_data", "route", "runtime", "sid")
 
     def __init__(self, runtime: Runtime, sid: str, identity: Callable[[], ClientIdentity],
                  client_tls: Callable[[], bool]) -> None:

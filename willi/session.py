@@ -91,6 +91,10 @@ def new_session_id() -> str:
 class SmtpSession:
     """The dialog with one client, from greeting to QUIT."""
 
+    # Thousands of idle connections each hold one of these: no per-instance __dict__.
+    __slots__ = ("_name", "admission", "channel", "closing", "config", "debug", "errors", "esmtp", "helo", "idle",
+                 "junk", "lifecycle", "out", "out_size", "peer", "relay", "runtime", "sid", "tls", "tx")
+
     def __init__(self, sock: socket.socket, peer: Peer, runtime: Runtime, lifecycle: Lifecycle | None = None,
                  admission: Admission | None = None, timeouts: tuple[float, float] = (0.0, 0.0)) -> None:
         """`timeouts`: the kernel receive and send timeouts the socket inherited from its listener."""
