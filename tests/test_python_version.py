@@ -80,8 +80,6 @@ def test_setup_and_install_sh_state_one_minimum_that_this_python_meets() -> None
     assert sys.version_info >= as_tuple(required), f"this Python is older than {required}"
 
 
-@pytest.mark.xfail(strict=True, reason="README.md still says Python 3.9/3.10 in places; the lead changes it to "
-                   "'Python 3.11 or newer' (then remove this mark)")
 def test_the_readme_states_the_same_minimum() -> None:
     required = python_requires((ROOT / "setup.py").read_text())
     stated = stated_minimums((ROOT / "README.md").read_text())
