@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import os
+import re
 import sys
 import time
 from collections.abc import Mapping
@@ -21,6 +22,7 @@ logging.logThreads = False
 logging._srcfile = None  # no caller lookup (a stack walk per record): no format shows file or line
 
 
+_NEEDS_QUOTES = re.compile(r'[ "=\\]')
 _SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
@@ -58,7 +60,7 @@ def logfmt_value(value: Any) -> str:
         text = "yes" if value else "no"
     else:
         text = str(value)
-    if text == "" or not text.isprintable() or any(c in text for c in ' "=\\'):
+    if text == "" or not text.isprintable() or _NEEDS_QUOTES.search(text):
         escaped = escape_text(text.replace("\\", "\\\\").replace('"', '\\"'))
         return f'"{escaped}"'
     return text
