@@ -70,8 +70,12 @@ def _restart_notes(started: Config, config: Config) -> list[str]:
     return notes
 
 
-def apply_reload(service: WilliService, config: Config, started: Config) -> bool:
-    """Build a runtime for `config` here and swap it in; keep the running one on any error."""
+def apply_reload(service: WilliService, config: Config, started: Config, *, notes: bool = True) -> bool:
+    """Build a runtime for `config` here and swap it in; keep the running one on any error.
+
+    `notes` False in a worker: the parent, which checked the file, has told
+    the operator once which settings need a restart.
+    """
     try:
         runtime = Runtime.load(config)
     except LOAD_ERRORS as exc:
@@ -80,7 +84,7 @@ def apply_reload(service: WilliService, config: Config, started: Config) -> bool
     except Exception:
         log.exception("reload failed, keeping the running configuration")
         return False
-    for note in _restart_notes(started, config):
+    for note in _restart_notes(started, config) if notes else ():
         log.warning("%s", note)
     service.reload(runtime)
     logging.getLogger("willi").setLevel(config.loglevel.upper())
@@ -222,7 +226,7 @@ def worker_main(index: int, service: WilliService, control: Connection, config: 
         messages, reader.messages = reader.messages, []
         for message in messages:
             if message[0] == "reload":
-                apply_reload(service, message[1], started)
+                apply_reload(service, message[1], started, notes=False)
             elif message[0] == "reopen":
                 _reopen_logs()
         commands = {m[0] for m in messages}
