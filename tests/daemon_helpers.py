@@ -28,6 +28,7 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from support import RawClient
 
@@ -44,15 +45,18 @@ def write_routes(path: Path, routes: dict[str, int]) -> None:
     tmp.replace(path)
 
 
-def config_text(directory: Path, port: int, extra: str = "", logfile: str | None = None, workers: int = 1) -> str:
+def config_text(directory: Path, port: int, extra: str = "", logfile: str | None = None, workers: int | str = 1,
+                *, read_timeout: str = "10s", shutdown_timeout: str = "10s") -> str:
     """A daemon test's willi.toml: pidfile and log file in `directory`, routes from its routes.csv."""
     logfile = logfile or f"{directory}/willi.log"
+    shown_workers = f'"{workers}"' if isinstance(workers, str) else str(workers)
     return (
         f'listen = "127.0.0.1:{port}"\n'
         'domain = "mx.willi.test"\nclient_name_lookup = false\nloglevel = "info"\n'
-        'upstream_command_timeout = "5s"\nupstream_connect_timeout = "3s"\nread_timeout = "10s"\n'
-        'shutdown_timeout = "10s"\n'
-        f"workers = {workers}\n"
+        'upstream_command_timeout = "5s"\nupstream_connect_timeout = "3s"\n'
+        f'read_timeout = "{read_timeout}"\nstress_read_timeout = "{read_timeout}"\n'
+        f'shutdown_timeout = "{shutdown_timeout}"\n'
+        f"workers = {shown_workers}\n"
         f'pidfile = "{directory}/run/willi.pid"\nlogfile = "{logfile}"\n'
         f"{extra}\n"
         f'[[mappings]]\ntype = "csv"\nfile = "{directory}/routes.csv"\nreload_interval = "1h"\n'
@@ -79,6 +83,22 @@ def process_state(pid: int) -> str | None:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return None
+
+
+def stopped(pid: int) -> bool:
+    """Every thread of `pid` is in the stopped state (after SIGSTOP; the leader alone says little)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    for task in tasks:
+        try:
+            state = Path(f"/proc/{pid}/task/{task}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state not in ("T", "t"):
+            return False
+    return True
 
 
 def alive(pid: int) -> bool:
@@ -209,6 +229,14 @@ class Reaper:
             set_subreaper(False)
 
 
+class Sent(NamedTuple):
+    """What `send_on` saw: the reply to the final dot, and the client's port (the log's `client=`)."""
+
+    code: int
+    lines: list[str]
+    port: int
+
+
 SERVING = (re.compile(r"worker processes serving: ([0-9, ]+)"), re.compile(r"\(pid ([0-9]+)\) serving"))
 
 
@@ -225,6 +253,7 @@ class WilliDaemon:
         self.reaper = reaper
         self.workers = workers
         self.pid: int | None = None
+        self._serving: set[int] = set()
 
     @property
     def processes(self) -> int:
@@ -308,14 +337,13 @@ class WilliDaemon:
     # ---------------------------------------------------------- workers
 
     def serving_pids(self) -> set[int]:
-        """Every PID the log says became a serving worker."""
-        pids: set[int] = set()
+        """Every PID the log says became a serving worker (remembered: a test may move the log file)."""
         for line in self.log().splitlines():
             for pattern in SERVING:
                 match = pattern.search(line)
                 if match:
-                    pids.update(int(p) for p in match.group(1).replace(",", " ").split())
-        return pids
+                    self._serving.update(int(p) for p in match.group(1).replace(",", " ").split())
+        return set(self._serving)
 
     def worker_pids(self) -> list[int]:
         """The serving workers now: children of the parent that the log reported serving."""
@@ -357,12 +385,13 @@ class WilliDaemon:
         For a 220 the connection is checked to be `worker`'s; a refusal
         (421) is closed by then, so it cannot be.
         """
-        others = [pid for pid in self.worker_pids() if pid != worker]
-        assert worker not in others
+        serving = self.worker_pids() if self.workers > 1 else [self.pid]
+        assert worker in serving, f"{worker} is not among the serving processes {serving}"
+        others = [pid for pid in serving if pid != worker]
         for pid in others:
             os.kill(pid, signal.SIGSTOP)
         try:
-            wait_until(lambda: all(process_state(pid) in ("T", "t") for pid in others), 5.0, "workers to stop")
+            wait_until(lambda: all(stopped(pid) for pid in others), 5.0, "workers to stop")
             client = RawClient("127.0.0.1", self.port, source=source)
             try:
                 first = client.reply()
@@ -377,9 +406,10 @@ class WilliDaemon:
             assert held == worker, f"the connection landed on {held}, not {worker}"
         return client, first
 
-    def send_on(self, worker: int, to: str = "b@example.com", body: str = "hello") -> tuple[int, list[str]]:
-        """One message over a connection accepted by `worker`; the reply to the final dot."""
+    def send_on(self, worker: int, to: str = "b@example.com", body: str = "hello") -> Sent:
+        """One message over a connection accepted by `worker`: the reply to the final dot, the client's port."""
         client, greeting = self.connect_on(worker)
+        port = client.sock.getsockname()[1]
         try:
             assert greeting[0] == 220, greeting
             client.send("EHLO client.example\r\n")
@@ -389,9 +419,9 @@ class WilliDaemon:
             assert code == 250, f"RCPT {to}: {code} {lines}"
             assert client.cmd("DATA")[0] == 354
             client.send(f"Subject: test\r\n\r\n{body}\r\n.\r\n")
-            final = client.reply()
+            code, lines = client.reply()
             client.cmd("QUIT")
-            return final
+            return Sent(code, lines, port)
         finally:
             client.close()
 
