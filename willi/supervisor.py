@@ -104,10 +104,16 @@ def reload_service(service: WilliService, path: str, started: Config | None = No
 
 def _drain_and_wait(service: WilliService, signals: Signals, timeout: float,
                     control: _ControlReader | None = None) -> None:
-    """Drain, then wait for the sessions; a second stop (a signal, or "force" from the parent) ends it at once."""
+    """Drain, then wait for the sessions; a second stop (a signal, or "force" from the parent) ends it at once.
+
+    A worker told to drain by its parent may get its own first SIGTERM
+    after that (systemd's KillMode=control-group signals every process of
+    the unit, so does `kill` of every PID): one signal per process is still
+    one stop, so only a second own signal counts.
+    """
     service.drain()
     deadline = time.monotonic() + timeout
-    stops = signals.stops
+    stops = max(signals.stops, 1)
     while service.sessions():
         fds = [control.fd] if control is not None and not control.eof else []
         ready = signals.wait(0.05, fds)
