@@ -252,6 +252,36 @@ def test_sigterm_drains_every_worker(start_willi, fake_upstream) -> None:
     assert all(t.data.endswith(b"\r\nsecond half\r\n") for t in upstream.completed_transactions)
 
 
+def test_sigterm_to_every_process_is_still_one_stop(start_willi, fake_upstream) -> None:
+    """systemd's default KillMode (or `kill` of every PID) signals the workers too, after the parent told them.
+
+    Each process got one SIGTERM: that is a graceful stop, not the second
+    signal that cuts transactions in flight.
+    """
+    upstream = fake_upstream()
+    w = start_willi({"example.com": upstream.port})
+    workers = w.wait_workers()
+    idle = [open_session(w, pid) for pid in workers]
+    busy = [start_data(w, pid, f"b{n}@example.com") for n, pid in enumerate(workers)]
+    assert upstream.wait_for(lambda: sum(b"first half" in s.raw for s in upstream.sessions) == 2)
+    try:
+        w.signal(signal.SIGTERM)
+        for client in idle:  # each worker is draining on the parent's word
+            assert client.reply()[0] == 421
+        for pid in workers:
+            os.kill(pid, signal.SIGTERM)
+        time.sleep(0.5)
+        for client in busy:
+            client.send("second half\r\n.\r\n")
+            code, lines = client.reply()
+            assert code == 250 and "queued as" in lines[0], (code, lines)
+    finally:
+        for client in idle + busy:
+            client.close()
+    assert w.wait() == 0
+    assert len(upstream.completed_transactions) == 2
+
+
 def test_second_sigterm_ends_the_drain_at_once(start_willi, fake_upstream) -> None:
     """shutdown_timeout is 60 s: only the second signal can end the transactions within the 10 s a reply may take."""
     upstream = fake_upstream()
