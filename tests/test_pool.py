@@ -133,6 +133,29 @@ def test_pooled_connection_the_upstream_ended_while_idle_is_replaced(willi, fake
     assert w.service.runtime.pool.reused == 0, "found at the idle check, before any command was sent on it"
 
 
+@pytest.mark.parametrize("reuse", [True, False], ids=["pool", "no-pool"])
+def test_421_while_the_client_sat_idle_between_transactions_is_not_the_next_verdict(willi, fake_upstream, tmp_path,
+                                                                                   reuse) -> None:
+    """One client connection keeps its upstream connection between transactions (pool or not): same trap."""
+    upstream = fake_upstream()
+    w = willi(config=make_config(tmp_path, [static_mapping(upstream.port)], upstream_reuse=reuse))
+    client = w.raw()
+    try:
+        client.ehlo()
+        _, final = transaction(client, "alice@sender.example", ["bob@example.com"])
+        assert final is not None and final[0] == 250
+        kept = upstream.sessions[0]
+        upstream.disconnect(kept, IDLE_421)
+        wait_closed(upstream, kept)
+        replies, final = transaction(client, "alice@sender.example", ["carol@example.com"])
+        assert [code for code, _ in replies] == [250, 250], replies
+        assert final is not None and final[0] == 250 and "FAKE2" in final[1][0], final
+        assert client.cmd("QUIT")[0] == 221
+    finally:
+        client.close()
+    assert len(upstream.sessions) == 2 and upstream.sessions[1].transactions[0].completed
+
+
 class MailRefusedOnce(dict):
     """`FakeUpstream.replies` that answers the Nth MAIL with 421 (the upstream closing as the MAIL arrives)."""
 

@@ -216,6 +216,28 @@ def test_a_worker_that_keeps_dying_is_respawned_with_back_off(start_willi, fake_
         assert w.send_on(pid).code == 250
 
 
+def test_workers_drain_and_exit_when_the_parent_dies(start_willi, fake_upstream) -> None:
+    """No orphans serving without a supervisor: a worker whose control channel ends drains and exits."""
+    upstream = fake_upstream()
+    w = start_willi({"example.com": upstream.port})
+    workers = w.wait_workers()
+    idle = [open_session(w, pid) for pid in workers]
+    busy = start_data(w, workers[0], "b@example.com")
+    try:
+        os.kill(w.pid, signal.SIGKILL)
+        for client in idle:
+            code, lines = client.reply()
+            assert code == 421 and lines[0].startswith("4.3.2"), (code, lines)
+        busy.send("second half\r\n.\r\n")
+        code, lines = busy.reply()
+        assert code == 250 and "queued as" in lines[0], (code, lines)
+    finally:
+        for client in [*idle, busy]:
+            client.close()
+    wait_until(lambda: not any(alive(pid) for pid in workers), 15, "the orphaned workers to exit")
+    assert refused(w.port)
+
+
 # ---------------------------------------------------------------- signals
 
 
