@@ -347,6 +347,7 @@ class Supervisor:
             if worker is None:
                 continue
             del self.workers[worker.index]
+            self._read_worker(worker)  # its last words (why it could not start) may not have been read yet
             worker.control.close()
             self.service.limits.reset_region(worker.index)
             metrics.mark_dead(pid)
@@ -420,18 +421,21 @@ class Supervisor:
 
     def _read_workers(self, ready: list[int]) -> None:
         for worker in list(self.workers.values()):
-            if worker.control.fileno() not in ready:
-                continue
-            try:
-                while worker.control.poll(0):
-                    kind, value = worker.control.recv()
-                    if kind == "ready":
-                        worker.ready = True
-                        log.info("worker %d (pid %d) serving", worker.index, worker.pid)
-                    elif kind == "error":
-                        log.error("worker %d (pid %d) could not start: %s", worker.index, worker.pid, value)
-            except (EOFError, OSError):
-                pass
+            if worker.control.fileno() in ready:
+                self._read_worker(worker)
+
+    def _read_worker(self, worker: Worker) -> None:
+        """Act on what the worker said: it serves, or why it could not start."""
+        try:
+            while worker.control.poll(0):
+                kind, value = worker.control.recv()
+                if kind == "ready":
+                    worker.ready = True
+                    log.info("worker %d (pid %d) serving", worker.index, worker.pid)
+                elif kind == "error":
+                    log.error("worker %d (pid %d) could not start: %s", worker.index, worker.pid, value)
+        except (EOFError, OSError):
+            pass
 
     def reload(self) -> None:
         """Check the configuration once, in a child as this (unprivileged) user; then hand it to every worker."""
