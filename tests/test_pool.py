@@ -353,12 +353,14 @@ def test_xclient_required_is_never_pooled(willi, fake_upstream, tmp_path) -> Non
 
 def test_idle_timeout_says_quit_to_pooled_connections(willi, fake_upstream, tmp_path) -> None:
     upstream = fake_upstream()
-    w = willi(config=reuse_config(tmp_path, upstream.port, upstream_idle_timeout="1s"))
+    w = willi(config=reuse_config(tmp_path, upstream.port, upstream_idle_timeout="3s"))
     deliver_ok(w)
     wait_pooled(w, 1)
+    pooled_at = time.monotonic()
     session = upstream.sessions[0]
     assert not session.closed, "pooled, not closed at the client's QUIT"
-    wait_closed(upstream, session, timeout=10.0)
+    wait_closed(upstream, session, timeout=15.0)
+    assert time.monotonic() - pooled_at > 2.0, "kept for about upstream_idle_timeout"
     assert session.commands[-1] == "QUIT"
     assert pooled(w) == 0
     deliver_ok(w, "carol@example.com")
