@@ -352,6 +352,9 @@ class RecordedSession:
     refused: list[str] = field(default_factory=list)
     # Bytes that arrived after the fake's 421 (never read as commands).
     after_421: bytearray = field(default_factory=bytearray)
+    # What each recv() returned, in order (`raw` split at the segments read): shows which commands
+    # a client sent together in one write (PIPELINING) and which one at a time.
+    chunks: list[bytes] = field(default_factory=list)
 
 
 class _Hangup(Exception):
@@ -480,6 +483,7 @@ class FakeUpstream:
         self._accept_thread: threading.Thread | None = None
         self._threads: list[threading.Thread] = []
         self._conns: set[socket.socket] = set()
+        self._live: dict[int, _Conversation] = {}  # id(session) -> its conversation, while it runs
         self._queue_ids = itertools.count(1)
 
     # -- lifecycle -----------------------------------------------------
@@ -590,9 +594,30 @@ class FakeUpstream:
                 self._threads.append(thread)
             thread.start()
 
+    def disconnect(self, session: RecordedSession, reply: str | None = None) -> None:
+        """End an idle session from outside its conversation, as a server's own idle timeout does.
+
+        `reply` (e.g. "421 4.4.2 fake.upstream Error: timeout exceeded") is
+        sent first, unasked, as Postfix does; then the connection is shut
+        down and the session ends. Meant for a session waiting for a
+        command (plaintext: TLS sessions are only shut down).
+        """
+        with self._lock:
+            conv = self._live.get(id(session))
+        if conv is None:
+            return
+        if reply is not None and not session.tls:
+            try:
+                conv.sock.sendall(_format(reply))
+            except OSError:
+                pass
+        _shutdown(conv.sock)
+
     def _handle(self, conn: socket.socket, session: RecordedSession) -> None:
         """Serve one connection; any socket error just ends it."""
         conv = _Conversation(self, conn, session)
+        with self._lock:
+            self._live[id(session)] = conv
         try:
             conv.run()
         except _Closed421:
@@ -603,6 +628,7 @@ class FakeUpstream:
             with self._lock:
                 self._conns.discard(conv.sock)
                 self._conns.discard(conn)
+                self._live.pop(id(session), None)
                 session.closed = True
             _shutdown(conv.sock)
             conv.sock.close()
@@ -658,6 +684,7 @@ class _Conversation:
     def _record(self, chunk: bytes) -> None:
         with self.server._lock:
             self.session.raw += chunk
+            self.session.chunks.append(chunk)
 
     def _step(self, step: str, default: str) -> None:
         """Apply delay/drop for `step`, then send its (maybe scripted) reply."""

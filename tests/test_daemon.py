@@ -3,7 +3,9 @@
 Each test runs the real start command and talks to the detached process
 over SMTP and signals: pidfile, refusal of a second start, SIGHUP reload,
 SIGUSR1 log reopening, graceful SIGTERM, and the errors a start must report
-on stderr before detaching.
+on stderr before detaching. Every test runs twice, with `workers = 1` (one
+process) and `workers = 2` (a supervising parent and two workers); what is
+particular to workers is in test_workers.py.
 """
 
 from __future__ import annotations
@@ -18,31 +20,23 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemon_helpers import Reaper, WilliDaemon, alive, free_port, wait_exit, wait_until
+from daemon_helpers import (
+    Reaper,
+    WilliDaemon,
+    alive,
+    children,
+    config_text,
+    free_port,
+    wait_exit,
+    wait_until,
+    write_routes,
+)
 from support import RawClient
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKOUT_COMMAND = [sys.executable, str(ROOT / "willi.py")]
 
 pytestmark = pytest.mark.slow
-
-
-def write_routes(path: Path, routes: dict[str, int]) -> None:
-    lines = ["pattern;server;tls_verify"] + [f"{k};127.0.0.1:{port};false" for k, port in routes.items()]
-    path.write_text("\n".join(lines) + "\n")
-
-
-def config_text(directory: Path, port: int, extra: str = "", logfile: str | None = None) -> str:
-    logfile = logfile or f"{directory}/willi.log"
-    return (
-        f'listen = "127.0.0.1:{port}"\n'
-        'domain = "mx.willi.test"\nclient_name_lookup = false\nloglevel = "info"\n'
-        'upstream_command_timeout = "5s"\nupstream_connect_timeout = "3s"\nread_timeout = "10s"\n'
-        'shutdown_timeout = "10s"\n'
-        f'pidfile = "{directory}/run/willi.pid"\nlogfile = "{logfile}"\n'
-        f"{extra}\n"
-        f'[[mappings]]\ntype = "csv"\nfile = "{directory}/routes.csv"\nreload_interval = "1h"\n'
-    )
 
 
 @pytest.fixture
@@ -52,17 +46,22 @@ def reaper() -> Iterator[Reaper]:
     r.cleanup()
 
 
+@pytest.fixture(params=[1, 2], ids=["workers1", "workers2"])
+def workers(request: pytest.FixtureRequest) -> int:
+    return request.param
+
+
 @pytest.fixture
-def make_daemon(tmp_path: Path, reaper: Reaper):
+def make_daemon(tmp_path: Path, reaper: Reaper, workers: int):
     """`make_daemon(routes={...}, extra="")` writes config and CSV; the daemon is not started."""
 
     def factory(routes: dict[str, int], extra: str = "", logfile: str | None = None) -> WilliDaemon:
         port = free_port()
         write_routes(tmp_path / "routes.csv", routes)
         config = tmp_path / "willi.toml"
-        config.write_text(config_text(tmp_path, port, extra, logfile))
+        config.write_text(config_text(tmp_path, port, extra, logfile, workers))
         return WilliDaemon(CHECKOUT_COMMAND, config, tmp_path / "run" / "willi.pid", tmp_path / "willi.log",
-                           port, reaper)
+                           port, reaper, workers)
 
     return factory
 
@@ -81,6 +80,7 @@ def test_daemon_detaches_writes_pidfile_serves_and_stops(make_daemon, fake_upstr
     assert b"willi.py" in Path(f"/proc/{pid}/cmdline").read_bytes()
     assert d.pidfile.read_text() == f"{pid}\n"
     d.wait_log(f"pid {pid}")
+    assert len(children(pid)) == (0 if d.workers == 1 else d.workers)
 
     code, reply = d.send()
     assert code == 250 and b"queued as" in reply
@@ -115,7 +115,7 @@ def test_sighup_reloads_routes_and_keeps_old_config_when_broken(make_daemon, fak
     write_routes(d.config.parent / "routes.csv", {"example.com": second.port})
     mark = len(d.log())
     d.signal(signal.SIGHUP)
-    d.wait_log("configuration reloaded", start=mark)
+    d.wait_everywhere("configuration reloaded", start=mark)
     assert d.send()[0] == 250
     assert second.wait_for(lambda: len(second.completed_transactions) == 1)
     assert len(first.completed_transactions) == 1
@@ -136,7 +136,8 @@ def test_sighup_reloads_routes_and_keeps_old_config_when_broken(make_daemon, fak
     d.signal(signal.SIGHUP)
     line = d.wait_log("listen changed", start=mark)
     assert "restart" in line
-    d.wait_log("configuration reloaded", start=mark)
+    d.wait_everywhere("configuration reloaded", start=mark)
+    assert d.count_log("listen changed", start=mark) == 1, "told once, by the process that checked the file"
     assert d.send()[0] == 250
     assert d.stop() in (0, None)
 
@@ -198,7 +199,7 @@ def test_sigusr1_reopens_the_log_file(make_daemon, fake_upstream) -> None:
     d.wait_log("result=accepted", path=rotated)
     assert not d.logfile.exists()
     d.signal(signal.SIGUSR1)
-    d.wait_log(f"log file {d.logfile} reopened")
+    d.wait_everywhere(f"log file {d.logfile} reopened")
     assert d.send(body="after rotation")[0] == 250
     d.wait_log("result=accepted")
     assert rotated.read_text().count("result=accepted") == 1

@@ -70,8 +70,12 @@ def _restart_notes(started: Config, config: Config) -> list[str]:
     return notes
 
 
-def apply_reload(service: WilliService, config: Config, started: Config) -> bool:
-    """Build a runtime for `config` here and swap it in; keep the running one on any error."""
+def apply_reload(service: WilliService, config: Config, started: Config, *, notes: bool = True) -> bool:
+    """Build a runtime for `config` here and swap it in; keep the running one on any error.
+
+    `notes` False in a worker: the parent, which checked the file, has told
+    the operator once which settings need a restart.
+    """
     try:
         runtime = Runtime.load(config)
     except LOAD_ERRORS as exc:
@@ -80,7 +84,7 @@ def apply_reload(service: WilliService, config: Config, started: Config) -> bool
     except Exception:
         log.exception("reload failed, keeping the running configuration")
         return False
-    for note in _restart_notes(started, config):
+    for note in _restart_notes(started, config) if notes else ():
         log.warning("%s", note)
     service.reload(runtime)
     logging.getLogger("willi").setLevel(config.loglevel.upper())
@@ -100,10 +104,16 @@ def reload_service(service: WilliService, path: str, started: Config | None = No
 
 def _drain_and_wait(service: WilliService, signals: Signals, timeout: float,
                     control: _ControlReader | None = None) -> None:
-    """Drain, then wait for the sessions; a second stop (a signal, or "force" from the parent) ends it at once."""
+    """Drain, then wait for the sessions; a second stop (a signal, or "force" from the parent) ends it at once.
+
+    A worker told to drain by its parent may get its own first SIGTERM
+    after that (systemd's KillMode=control-group signals every process of
+    the unit, so does `kill` of every PID): one signal per process is still
+    one stop, so only a second own signal counts.
+    """
     service.drain()
     deadline = time.monotonic() + timeout
-    stops = signals.stops
+    stops = max(signals.stops, 1)
     while service.sessions():
         fds = [control.fd] if control is not None and not control.eof else []
         ready = signals.wait(0.05, fds)
@@ -222,7 +232,7 @@ def worker_main(index: int, service: WilliService, control: Connection, config: 
         messages, reader.messages = reader.messages, []
         for message in messages:
             if message[0] == "reload":
-                apply_reload(service, message[1], started)
+                apply_reload(service, message[1], started, notes=False)
             elif message[0] == "reopen":
                 _reopen_logs()
         commands = {m[0] for m in messages}
@@ -337,6 +347,7 @@ class Supervisor:
             if worker is None:
                 continue
             del self.workers[worker.index]
+            self._read_worker(worker)  # its last words (why it could not start) may not have been read yet
             worker.control.close()
             self.service.limits.reset_region(worker.index)
             metrics.mark_dead(pid)
@@ -410,18 +421,21 @@ class Supervisor:
 
     def _read_workers(self, ready: list[int]) -> None:
         for worker in list(self.workers.values()):
-            if worker.control.fileno() not in ready:
-                continue
-            try:
-                while worker.control.poll(0):
-                    kind, value = worker.control.recv()
-                    if kind == "ready":
-                        worker.ready = True
-                        log.info("worker %d (pid %d) serving", worker.index, worker.pid)
-                    elif kind == "error":
-                        log.error("worker %d (pid %d) could not start: %s", worker.index, worker.pid, value)
-            except (EOFError, OSError):
-                pass
+            if worker.control.fileno() in ready:
+                self._read_worker(worker)
+
+    def _read_worker(self, worker: Worker) -> None:
+        """Act on what the worker said: it serves, or why it could not start."""
+        try:
+            while worker.control.poll(0):
+                kind, value = worker.control.recv()
+                if kind == "ready":
+                    worker.ready = True
+                    log.info("worker %d (pid %d) serving", worker.index, worker.pid)
+                elif kind == "error":
+                    log.error("worker %d (pid %d) could not start: %s", worker.index, worker.pid, value)
+        except (EOFError, OSError):
+            pass
 
     def reload(self) -> None:
         """Check the configuration once, in a child as this (unprivileged) user; then hand it to every worker."""
