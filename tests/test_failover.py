@@ -188,6 +188,18 @@ def test_failed_starttls_handshake_moves_to_the_next(start, fake_upstream, pki) 
     assert mail_sessions(refusing) == 0
 
 
+def test_unverifiable_certificate_moves_to_the_next(start, fake_upstream, pki, other_pki) -> None:
+    """Route tls = "verify": a certificate from an unknown CA fails the handshake; the next one verifies."""
+    stranger = fake_upstream(tls_context=other_pki.server_context())
+    trusted = fake_upstream(tls_context=pki.server_context())
+    w = start([static(f"localhost:{stranger.port}, localhost:{trusted.port}", tls="verify")],
+              upstream_tls_ca=pki.ca_file)
+    delivered(w)
+    wait_sessions_closed(trusted, 1)
+    assert trusted.sessions[0].tls and len(trusted.completed_transactions) == 1
+    assert mail_sessions(stranger) == 0
+
+
 # ---------------------------------------------------------------- no failover once the transaction started
 
 
