@@ -461,3 +461,18 @@ def test_many_balancer_connections_in_parallel(proxied, upstream) -> None:
                     attributes[name] = xtext_decode(value) or ""
         seen.add((attributes["ADDR"], attributes["PORT"], attributes["HELO"]))
     assert seen == {(f"203.0.113.{20 + i}", str(2000 + i), f"client{i}.example") for i in range(8)}
+
+
+def test_ipv6_balancer_trusted_by_network(willi, upstream, tmp_path, logs) -> None:
+    """A balancer reaching Willi over IPv6, trusted as a CIDR network, passing on an IPv4 client."""
+    w = willi(config=make_config(tmp_path, [static_mapping(upstream.port)], listen="[::1]:0",
+                                 proxy_protocol_hosts=["::1/128", "10.0.0.0/8"]))
+    client = RawClient("::1", w.port)
+    balancer_port = client.sock.getsockname()[1]
+    client.send(build_v2("192.0.2.44", "198.51.100.25", 4444, 25))
+    deliver(client)
+    wait_sessions_closed(upstream, 1)
+    assert xclient_of(upstream)["ADDR"] == "192.0.2.44"
+    (line,) = transaction_lines(logs)
+    assert line["client"] == "192.0.2.44:4444"
+    assert line["proxy"] == f"[::1]:{balancer_port}"
