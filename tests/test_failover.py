@@ -256,6 +256,30 @@ def test_all_fail_last_421_greeting_is_451_with_its_text(start, fake_upstream) -
     assert replies[1] == (451, ["4.3.2 fake.upstream busy"])
 
 
+def test_connect_and_greeting_share_one_timeout(start, fake_upstream, monkeypatch) -> None:
+    """upstream_connect_timeout covers the TCP connect *and* the greeting (willi.toml.example), not each:
+    after a connect that took 1.5 s (made slow here), a greeting 2.5 s after the start is over the 2 s
+    budget although it comes within 2 s of the connect's end."""
+    from willi.upstream.client import UpstreamConnection
+
+    real_connect = UpstreamConnection.connect
+
+    def slow_connect(self, family, sockaddr, deadline):  # type: ignore[no-untyped-def]
+        real_connect(self, family, sockaddr, deadline)
+        time.sleep(1.5)  # as if the SYN had needed retransmits
+
+    monkeypatch.setattr(UpstreamConnection, "connect", slow_connect)
+    late = fake_upstream(delays={"greeting": 2.5})
+    good = fake_upstream()
+    w = start([static(f"{endpoint(late.port)}, {endpoint(good.port)}")], upstream_connect_timeout="2s")
+    started = time.monotonic()
+    delivered(w)
+    elapsed = time.monotonic() - started
+    assert mail_sessions(late) == 0, "the late upstream was used: the greeting got a budget of its own"
+    assert len(good.completed_transactions) == 1
+    assert elapsed < 2 + 1.5 + 1.5, elapsed  # the budget, then the second upstream's own slow connect
+
+
 # ---------------------------------------------------------------- down-marking
 
 
