@@ -81,7 +81,8 @@ class PostfixInstance:
     catch-all maildir, which ``delivered()`` reads; ``reject@<domain>`` gets
     550 and ``defer@<domain>`` 450 at RCPT, so tests can watch a real
     upstream refuse. Nothing is ever relayed: other domains are refused and
-    every non-virtual transport is ``error:``.
+    every non-virtual transport is ``error:``. ``postfix_sender`` turns an
+    instance into a sender instead, which relays everything to its relayhost.
     """
 
     def __init__(
@@ -96,8 +97,13 @@ class PostfixInstance:
         hostname: str = "postfix.willi.test",
         listen_ipv6: bool = False,
         extra_main_cf: dict[str, str] | None = None,
+        extra_master_cf: str = "",
     ) -> None:
-        """Only record the settings; nothing touches the disk before start()."""
+        """Only record the settings; nothing touches the disk before start().
+
+        `extra_main_cf` overrides main.cf parameters; `extra_master_cf` adds
+        services (a sender needs `smtp`, see `sender_settings`).
+        """
         self.directory = Path(directory).absolute()
         self.port = port
         self.cert_file = Path(cert_file).absolute()
@@ -107,6 +113,7 @@ class PostfixInstance:
         self.hostname = hostname
         self.listen_ipv6 = listen_ipv6
         self.extra_main_cf = dict(extra_main_cf or {})
+        self.extra_master_cf = extra_master_cf
         self.config_directory = self.directory / "etc"
         self.queue_directory = self.directory / "queue"
         self.data_directory = self.directory / "data"
@@ -201,7 +208,7 @@ class PostfixInstance:
             "anvil     unix  - - n -     1 anvil\n"
             "scache    unix  - - n -     1 scache\n"
             "postlog   unix-dgram n - n - 1 postlogd\n"
-        )
+        ) + self.extra_master_cf
 
     def _write_config(self) -> None:
         """Lay out the instance directory, owned by root as Postfix checks."""
@@ -362,6 +369,18 @@ class PostfixInstance:
             path.rename(cur / f"{path.name}:2,")
         return messages
 
+    def queue(self) -> str:
+        """What ``postqueue -p`` lists for this instance (deferred mail with its reason)."""
+        result = subprocess.run(["postqueue", "-c", str(self.config_directory), "-p"], capture_output=True,
+                                text=True, timeout=30, check=False)
+        return result.stdout + result.stderr
+
+    def log_text(self) -> str:
+        try:
+            return self.maillog.read_text(errors="replace")
+        except OSError:
+            return ""
+
     def log_tail(self, lines: int = 40) -> str:
         """The end of this instance's maillog, for assertion messages."""
         try:
@@ -393,6 +412,41 @@ def _group_alive(pgid: int) -> bool:
         if fields[0] != "Z" and int(fields[2]) == pgid:
             return True
     return False
+
+
+#: The delivery agent a sending instance needs beyond the upstream's services.
+SENDER_MASTER_CF = "smtp      unix  - - n -     - smtp\n"
+
+
+def sender_settings(relayhost: str) -> dict[str, str]:
+    """main.cf overrides that make an instance a *sender*: it takes mail from loopback clients over
+    SMTP and relays all of it to `relayhost` (Postfix 3.5+: a list, tried in order).
+
+    Retry timing is Postfix's default (queue_run_delay and minimal_backoff_time
+    300s), unlike the upstream instance's 1s: what a deferred recipient costs
+    is the point of a sender test.
+    """
+    return {
+        "relayhost": relayhost,
+        "default_transport": "smtp",
+        "relay_transport": "smtp",
+        "virtual_mailbox_domains": "",
+        "smtpd_relay_restrictions": "permit_mynetworks, reject",
+        "smtpd_recipient_restrictions": "permit_mynetworks, reject",
+        "smtp_tls_security_level": "none",
+        "queue_run_delay": "300s",
+        "minimal_backoff_time": "300s",
+        "maximal_backoff_time": "4000s",
+    }
+
+
+@contextmanager
+def postfix_sender(cert_file: Path, key_file: Path, relayhost: str, **kwargs: Any) -> Iterator[PostfixInstance]:
+    """A started instance that relays everything to `relayhost` (see `sender_settings`)."""
+    extra = {**sender_settings(relayhost), **kwargs.pop("extra_main_cf", {})}
+    with postfix_upstream(cert_file, key_file, domains=(), hostname="sender.willi.test", extra_main_cf=extra,
+                          extra_master_cf=SENDER_MASTER_CF + kwargs.pop("extra_master_cf", ""), **kwargs) as instance:
+        yield instance
 
 
 @contextmanager

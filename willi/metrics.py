@@ -9,7 +9,8 @@ PROMETHEUS_MULTIPROC_DIR before any worker exists, each worker writes its
 values to files there, and the parent, which serves /metrics, sums them
 (`MultiProcessCollector`); a dead worker's live gauges are dropped
 (`mark_process_dead`). Labels never carry addresses: results and mapping
-names only, so the number of series stays small and fixed.
+kinds only (`resolver.metric_labels`: `csv`, `sql`, `static`), so the number
+of series stays small and fixed.
 """
 
 from __future__ import annotations

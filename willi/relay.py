@@ -129,7 +129,7 @@ class Relay:
             return Reply.of(451, "4.3.0 Recipient lookup failed, try again later"), "lookup"
         metrics = self.runtime.metrics
         if metrics.enabled:
-            metrics.lookup(resolution.mapping or "none", time.monotonic() - started)
+            metrics.lookup(resolution.label or "none", time.monotonic() - started)
             metrics.lookup_cache(resolution.cached)
         route = resolution.route
         if route is None:

@@ -40,6 +40,21 @@ class Resolution:
     mapping: str = ""
     key: str = ""
     cached: bool = False
+    #: The mapping as a metrics label (`metric_labels`): its kind, never a host, port or path; derived
+    #: from `mapping`, so it takes no part in comparisons.
+    label: str = dataclasses.field(default="", compare=False)
+
+
+def metric_labels(names: Sequence[str]) -> list[str]:
+    """Label values for willi_lookup_seconds{mapping}, one per mapping of the chain.
+
+    A mapping's name says where it reads (`sql:user@db.example:3306/mail`,
+    `static:10.0.0.7:25`); a label must never carry an address, so the label
+    is the kind only (`sql`, `csv`, `static`), and a kind used more than once
+    gets its place in the chain as `--check` numbers it: `sql[0]`, `sql[1]`.
+    """
+    kinds = [name.split(":", 1)[0] for name in names]
+    return [kind if kinds.count(kind) == 1 else f"{kind}[{index}]" for index, kind in enumerate(kinds)]
 
 
 _MISS = object()
@@ -132,6 +147,7 @@ class Resolver:
         self.key_kinds = [frozenset(k) for k in key_kinds] if key_kinds else [frozenset(KEY_KINDS)] * len(mappings)
         self.delimiter, self.case_sensitive_local = delimiter, case_sensitive_local
         self.cache = cache or LookupCache(300.0, 60.0, 10000)
+        self.labels = metric_labels([mapping.name for mapping in self.mappings])
         for mapping in self.mappings:
             mapping.set_change_listener(self.cache.clear)
 
@@ -161,7 +177,7 @@ class Resolver:
                 if route is not None:
                     if self.xclient[index] is not None and route.xclient != self.xclient[index]:
                         route = dataclasses.replace(route, xclient=self.xclient[index])
-                    return Resolution(route, mapping.name, key, cached)
+                    return Resolution(route, mapping.name, key, cached, self.labels[index])
         return Resolution(None)
 
     def close(self) -> None:

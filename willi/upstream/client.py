@@ -289,8 +289,9 @@ class UpstreamConnection:
         reached the client at any of these points, so the caller may try the
         next upstream.
         """
-        self.connect(family, sockaddr, time.monotonic() + self.timeouts.connect)
-        greeting = self.read_reply(self.timeouts.connect, stage="greeting")
+        deadline = time.monotonic() + self.timeouts.connect  # one budget for the connect and the greeting
+        self.connect(family, sockaddr, deadline)
+        greeting = self.read_reply(deadline - time.monotonic(), stage="greeting")
         self.expect_silence("greeting")
         if greeting.code != 220:
             self.close(polite=False)
