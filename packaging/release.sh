@@ -60,7 +60,7 @@ done
 cp install.sh "$STAGE/"
 chmod 0755 "$STAGE/install.sh"
 cp willi.toml.example routes.csv.example "$STAGE/"
-cp packaging/willi.service "$STAGE/packaging/"
+cp packaging/willi.service packaging/haproxy.cfg.example "$STAGE/packaging/"
 sed "s/^\.TH WILLI 8 \"\" \"Willi\"/.TH WILLI 8 \"\" \"Willi $VERSION\"/" packaging/willi.8 > "$STAGE/packaging/willi.8"
 grep -q "^\.TH WILLI 8 \"\" \"Willi $VERSION\"" "$STAGE/packaging/willi.8" \
     || { echo "release: packaging/willi.8 has no .TH line to put the version in" >&2; exit 1; }

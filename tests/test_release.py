@@ -162,7 +162,7 @@ def test_release_tarball_installs_offline_and_runs(release: Path, base: Path, th
     with tarfile.open(release) as tar:
         members = set(tar.getnames())
     for member in ("install.sh", "willi.toml.example", "routes.csv.example", "packaging/willi.service",
-                   "packaging/willi.8", "README.md", "VERSION"):
+                   "packaging/willi.8", "packaging/haproxy.cfg.example", "README.md", "VERSION"):
         assert f"{name}/{member}" in members, sorted(members)
     assert {m.split("/")[0] for m in members} == {name}
     wheels = sorted(m.rsplit("/", 1)[1] for m in members if m.endswith(".whl"))
