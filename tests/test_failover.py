@@ -396,6 +396,18 @@ def test_address_limit_counts_across_hops(start, fake_upstream) -> None:
     assert good.sessions == []
 
 
+def test_address_limit_cuts_the_list_before_down_marking(start, fake_upstream) -> None:
+    """Addresses marked down still count towards the limit (Postfix cuts the list first): with the
+    first three down and a limit of 3, the fourth is never tried."""
+    good = fake_upstream()
+    hops = [endpoint(dead_port(f"127.0.0.{i}"), f"127.0.0.{i}") for i in range(2, 5)] + [endpoint(good.port)]
+    w = start([static(", ".join(hops))], upstream_address_limit=3, upstream_down_time="60s")
+    assert send(w)[0][1][0] == 451  # all three fail and are marked down
+    replies, _ = send(w)  # the three are down, tried anyway; the fourth stays outside the limit
+    assert replies[1][0] == 451, replies
+    assert good.sessions == []
+
+
 # ---------------------------------------------------------------- the same through CSV and SQL
 
 

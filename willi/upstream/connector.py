@@ -130,24 +130,29 @@ class Connector:
 
     def connect(self, route: Route, tls: TlsPolicy, identity: ClientIdentity | None, mode: str,
                 sid: str) -> UpstreamConnection:
-        """A new connection, failing over along the route's addresses."""
+        """A new connection, failing over along the route's first `upstream_address_limit` addresses.
+
+        The limit cuts the list first, as Postfix's smtp_mx_address_limit
+        does; within it, addresses marked down are tried only after all the
+        others failed.
+        """
         failures: list[UpstreamError] = []
         skipped: list[tuple[Hop, int, tuple]] = []
-        tried = 0
+        seen = 0
         for hop, family, sockaddr in self.addresses(route, sid, failures):
+            seen += 1
+            if seen > self.config.upstream_address_limit:
+                break
             endpoint = format_endpoint(sockaddr[0], sockaddr[1])
             if self.down.is_down(endpoint):
                 skipped.append((hop, family, sockaddr))
                 log.info("sid=%s upstream=%s skipped: marked down after a failed connection", sid, endpoint)
                 continue
-            if tried >= self.config.upstream_address_limit:
-                break
-            tried += 1
             try:
                 return self._try(hop, family, sockaddr, tls, identity, mode, sid)
             except UpstreamError as exc:
                 failures.append(exc)
-        for hop, family, sockaddr in skipped[: max(0, self.config.upstream_address_limit - tried)]:
+        for hop, family, sockaddr in skipped:
             try:
                 return self._try(hop, family, sockaddr, tls, identity, mode, sid)
             except UpstreamError as exc:
