@@ -190,15 +190,13 @@ class SmtpSession:
 
     def run(self) -> None:
         """Serve the client until QUIT, a fatal error, or the connection ends."""
+        metrics = self.runtime.metrics
+        metrics.connection_opened()  # every accepted connection counts, one with a bad PROXY header too
         try:
-            if self._proxy_expected() and not self._read_proxy_header():
-                return
-            self.runtime.metrics.connection_opened()
-            try:
+            if not self._proxy_expected() or self._read_proxy_header():
                 self._serve()
-            finally:
-                self.runtime.metrics.connection_closed()
         finally:
+            metrics.connection_closed()
             if self.relay.in_data:
                 self.relay.drop(polite=False)
             else:
