@@ -104,6 +104,7 @@ def _check_parts(config: Config, identity: Identity | None) -> int:
     def problem(text: str) -> None:
         nonlocal failures
         failures += 1
+        sys.stdout.flush()  # keep stdout and stderr in order on a terminal or in a journal
         print(f"willi: {text}" + (f" (as user {identity.user})" if identity else ""), file=sys.stderr)
 
     if config.tls_cert and config.tls_key:
@@ -127,11 +128,13 @@ def _check_parts(config: Config, identity: Identity | None) -> int:
         finally:
             mapping.close()
     if (warning := domain_warning(config)) is not None:
-        print(f"warning: {warning}", file=sys.stderr)
+        sys.stdout.flush()
+        print(f"willi: warning: {warning}", file=sys.stderr)
     if config.metrics_listen is not None:
         print(f"metrics: http://{config.metrics_listen}/metrics "
               f"(quick look: curl -s {config.metrics_listen}/metrics | grep willi_transactions)")
     if failures:
+        sys.stdout.flush()
         print(f"willi: check FAILED: {failures} problem{'s' if failures > 1 else ''}", file=sys.stderr)
         return 1
     print("check passed")
