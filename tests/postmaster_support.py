@@ -196,7 +196,7 @@ def all_logs() -> Iterator[TxLog]:
 
 
 def parse_logfmt(line: str) -> dict[str, str]:
-    """`a=1 b="x y" c=` -> {"a": "1", "b": "x y", "c": ""}; backslash escapes inside quotes are resolved."""
+    """`a=1 b="x \\"y\\"" c=` -> {"a": "1", "b": 'x "y"', "c": ""}: inside quotes \\" and \\\\ are undone."""
     fields: dict[str, str] = {}
     i, n = 0, len(line)
     while i < n:
@@ -211,7 +211,7 @@ def parse_logfmt(line: str) -> dict[str, str]:
             i += 1
             value = []
             while line[i] != '"':
-                if line[i] == "\\":
+                if line[i] == "\\" and line[i + 1] in '"\\':  # Willi escapes only these two; \x1b stays as is
                     i += 1
                 value.append(line[i])
                 i += 1
