@@ -74,6 +74,7 @@ XCLIENT_REPLY = f"220 {SERVER_NAME} ESMTP"
 IDLE_TIMEOUT = 30.0  # seconds a connection may sit silent before we hang up
 JOIN_TIMEOUT = 5.0  # upper bound for stop() to wait for all threads
 LINGER_AFTER_421 = 1.0  # seconds to collect what a client still sends after a 421
+CLOSE_NOTIFY_WAIT = 3.0  # seconds a TLS client has after QUIT to send its close_notify
 RECV_SIZE = 65536
 TERMINATOR = b".\r\n"
 CRLF_TERMINATOR = b"\r\n.\r\n"
@@ -355,6 +356,8 @@ class RecordedSession:
     # What each recv() returned, in order (`raw` split at the segments read): shows which commands
     # a client sent together in one write (PIPELINING) and which one at a time.
     chunks: list[bytes] = field(default_factory=list)
+    # After QUIT over TLS: did the client end TLS with close_notify (True), or just close (False)?
+    tls_close_notify: bool | None = None
 
 
 class _Hangup(Exception):
@@ -972,4 +975,18 @@ class _Conversation:
 
     def _cmd_quit(self, line: str, arg: str) -> None:
         self._step("quit", "221 2.0.0 Bye")
+        if self.session.tls:
+            self._await_close_notify()
         raise _Hangup
+
+    def _await_close_notify(self) -> None:
+        """A polite TLS client answers our close_notify with its own: record whether it did."""
+        assert isinstance(self.sock, ssl.SSLSocket)
+        try:
+            self.sock.settimeout(CLOSE_NOTIFY_WAIT)
+            self.sock.unwrap()
+            clean = True
+        except (OSError, ValueError):  # ssl.SSLError (e.g. EOF in violation of protocol) is an OSError
+            clean = False
+        with self.server._lock:
+            self.session.tls_close_notify = clean

@@ -174,11 +174,18 @@ def test_declared_size_over_limit_refused_at_mail(willi, fake_upstream, tmp_path
         client.ehlo()
         code, lines = client.cmd("MAIL FROM:<alice@sender.example> SIZE=51200")
         assert code == 552 and lines[0].startswith("5.3.4")
+        # The refused MAIL opened no transaction: the RCPT that would reach the upstream is out of sequence.
+        code, lines = client.cmd("RCPT TO:<bob@example.com>")
+        assert code == 503 and lines[0].startswith("5.5.1"), (code, lines)
+        time.sleep(0.2)
+        assert upstream.sessions == []
+        replies, final = transaction(client, "alice@sender.example", ["bob@example.com"])
+        assert final is not None and final[0] == 250, (replies, final)
         client.cmd("QUIT")
     finally:
         client.close()
-    time.sleep(0.2)
-    assert upstream.sessions == []
+    wait_sessions_closed(upstream, 1)
+    assert [c for c in upstream.sessions[0].commands if c.startswith("MAIL")] == ["MAIL FROM:<alice@sender.example>"]
 
 
 # ---------------------------------------------------------------- upstream failures

@@ -27,6 +27,7 @@ from fakeupstream import FakeUpstream
 from support import RawClient, RunningWilli, willi_config
 
 from willi.session import SmtpSession
+from willi.upstream.client import UpstreamConnection
 
 DOMAIN = "mx.willi.test"  # support.willi_config's domain
 SENDER = "a@sender.example"
@@ -291,6 +292,10 @@ def test_bad_sequence(proxy, script: list[tuple[str, int]], command: str) -> Non
     c.expect(220)
     run_script(c, script)
     check(c.cmd(command), 503, "5.5.1")
+    # Only a recipient the upstream answered (250 or its 550) means Willi talked to it; where it did,
+    # the refused DATA must not have reached it. An unmapped recipient never makes the connection.
+    contacted = any(line.startswith("RCPT") and code in (250, 550) for line, code in script)
+    assert bool(p.up.sessions) is contacted, (contacted, upstream_commands(p.up))
     assert not any(cmd.upper().startswith("DATA") for cmd in upstream_commands(p.up))
     check(c.cmd("NOOP"), 250, "2.0.0")
 
@@ -345,7 +350,8 @@ def test_syntax_errors(proxy, script: list[tuple[str, int]], command: str, code:
     run_script(c, script)
     check(c.cmd(command), code, status)
     check(c.cmd("NOOP"), 250, "2.0.0")
-    assert not any(cmd.upper().startswith("DATA") for cmd in upstream_commands(p.up))
+    if script is AFTER_RCPT:  # the upstream has the transaction open: the malformed DATA must not reach it
+        assert p.up.sessions and not any(cmd.upper().startswith("DATA") for cmd in upstream_commands(p.up))
 
 
 def test_refused_mail_leaves_no_transaction(proxy) -> None:
@@ -370,7 +376,14 @@ def test_mail_size_parameter(proxy, params: str, code: int, status: str) -> None
     p = proxy(extra="max_message_bytes = 1000")
     c = p.greeted()
     check(c.cmd(f"{MAIL} {params}"), code, status)
-    assert no_connection(p.up)
+    if code != 250:  # no transaction was opened: the RCPT that would contact the upstream is out of sequence
+        check(c.cmd(f"RCPT TO:<{BOB}>"), 503, "5.5.1")
+        assert no_connection(p.up)
+        return
+    assert c.cmd(f"RCPT TO:<{BOB}>")[0] == 250
+    [mail] = [cmd for cmd in upstream_commands(p.up) if cmd.upper().startswith("MAIL")]
+    assert "SIZE=" not in mail.upper(), mail  # this upstream does not offer SIZE: dropped
+    assert p.up.refused_commands == []
 
 
 def test_mail_accepted_without_contacting_upstream(proxy) -> None:
@@ -933,12 +946,35 @@ def test_unexpected_exception(proxy, monkeypatch: pytest.MonkeyPatch, caplog: py
 
 
 def test_unexpected_exception_in_transaction_sends_no_dot(proxy, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(SmtpSession, "smtp_DATA", _boom)
-    monkeypatch.setitem(SmtpSession.HANDLERS, "DATA", _boom)
+    """An exception inside the streaming itself, mid-body: no final dot upstream, and the rest of the
+    message is never read as commands (the session ends instead)."""
+    calls: list[int] = []
+    send_data = UpstreamConnection.send_data
+
+    def failing_send_data(self: UpstreamConnection, chunk: bytes) -> None:
+        calls.append(len(chunk))
+        if len(calls) > 1:
+            raise RuntimeError("injected failure in the middle of the message")
+        send_data(self, chunk)
+
+    monkeypatch.setattr(UpstreamConnection, "send_data", failing_send_data)
     p = proxy()
     c = p.greeted()
     check(c.cmd(MAIL), 250, "2.1.0")
     assert c.cmd(f"RCPT TO:<{BOB}>")[0] == 250
-    check(c.cmd("DATA"), 451, "4.3.0")
+    assert c.cmd("DATA")[0] == 354
+    c.send(b"Subject: first half\r\n\r\n" + b"first part of the body\r\n" * 20)
+    assert p.up.wait_for(lambda: b"first part" in bytes(p.up.sessions[0].raw)), "the body must be under way"
+    c.send(b"second part of the body\r\n" * 20)  # its send_data raises
+    check(c.reply(), 451, "4.3.0")
+    assert len(calls) == 2
+    try:  # the rest of the message: text that looks like commands
+        c.send(b"RSET\r\nMAIL FROM:<evil@sender.example>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\n"
+               b"smuggled\r\n.\r\nQUIT\r\n")
+    except OSError:
+        pass
+    assert c.closed(), f"the rest of the message was read as commands: {c.buf!r}"
     assert p.up.wait_for(lambda: p.up.sessions[0].closed)
     assert p.up.completed_transactions == []
+    raw = b"".join(bytes(s.raw) for s in p.up.sessions)
+    assert b"\r\n.\r\n" not in raw and b"evil" not in raw and b"victim" not in raw, raw[-300:]

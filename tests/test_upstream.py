@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from fakeupstream import without
 from proxy_helpers import (
     BODY,
     make_config,
@@ -392,11 +393,16 @@ def test_upstream_command_timeout_gives_451_442(willi, fake_upstream, tmp_path, 
         elapsed = time.monotonic() - start
         assert code == 451 and lines[0].startswith("4.4.2"), (code, lines)
         assert 0.8 < elapsed < 2.8, elapsed
+        # DATA is where the upstream would hear about the message: it must not.
+        code, lines = client.cmd("DATA")
+        assert code == 503 and lines[0].startswith("5.5.1"), (code, lines)
         assert client.cmd("QUIT")[0] == 221
     finally:
         client.close()
     settle(0.1)
-    assert upstream.completed_transactions == []
+    assert not [c for s in upstream.sessions for c in s.commands if verb(c) == "DATA"]
+    # The timed-out connection was dropped, not kept for another transaction.
+    assert upstream.wait_for(lambda: all(s.closed for s in upstream.sessions))
 
 
 def test_upstream_data_timeout_after_dot_gives_4xx(willi, fake_upstream, tmp_path) -> None:
@@ -506,10 +512,51 @@ def test_upstream_421_never_leaves_the_client_in_doubt(willi, fake_upstream, tmp
         assert code in (421, 451) and lines == ["4.3.2 upstream busy"], (step, got)
         if code == 421:
             assert client.closed(), f"Willi sent 421 at {step} but kept the connection open"
-        else:
-            assert client.cmd("RSET")[0] == 250
+            return
+        assert client.cmd("RSET")[0] == 250
+        # The fake hung up after its 421 (RFC 5321 3.8); Willi must have let go without a word.
+        assert upstream.wait_for(lambda: upstream.sessions[0].closed)
+        assert bytes(upstream.sessions[0].after_421) == b"", f"Willi wrote after the 421 at {step}"
+        assert not any(t.reply.startswith("2") for t in upstream.all_transactions)
+        # The next transaction of the same client goes over a new upstream connection.
+        upstream.greeting, upstream.replies = "220 fake.upstream ESMTP", {}
+        replies, final = transaction(client, "alice@sender.example", ["bob@example.com"])
+        assert final is not None and final[0] == 250, (step, replies, final)
+        assert len(upstream.sessions) == 2
+        assert upstream.refused_commands == []
     finally:
         client.close()
+
+
+@pytest.mark.parametrize(("sender", "recipient"), [
+    ("j\u00fcrg@sender.example", "bob@example.com"),
+    ("alice@sender.example", "b\u00f6b@example.com"),
+    ("alice@sender.example", "bob@example.com"),  # SMTPUTF8 declared, ASCII envelope: the content may need it
+], ids=["utf8-sender", "utf8-recipient", "ascii-envelope"])
+def test_smtputf8_towards_an_upstream_without_it_gives_550_567(willi, fake_upstream, tmp_path, sender,
+                                                               recipient) -> None:
+    """SMTPUTF8 cannot be dropped (design.md): the recipient is refused with 550 5.6.7, nothing is sent."""
+    upstream = fake_upstream(extensions=without("SMTPUTF8"))
+    w = willi(config=make_config(tmp_path, [static_mapping(upstream.port)]))
+    client = w.raw()
+    try:
+        client.ehlo()
+        assert client.cmd(f"MAIL FROM:<{sender}> SMTPUTF8")[0] == 250
+        code, lines = client.cmd(f"RCPT TO:<{recipient}>")
+        assert code == 550 and lines[0].startswith("5.6.7"), (code, lines)
+        assert client.cmd("DATA")[0] == 503
+        assert client.cmd("RSET")[0] == 250
+        assert upstream.wait_for(lambda: bool(upstream.sessions)), "Willi asks the upstream what it offers"
+        assert not [c for c in upstream.sessions[0].commands if verb(c) == "MAIL"]
+        # Without SMTPUTF8 the same client connection and upstream carry an ASCII message.
+        replies, final = transaction(client, "alice@sender.example", ["bob@example.com"])
+        assert final is not None and final[0] == 250, (replies, final)
+        client.cmd("QUIT")
+    finally:
+        client.close()
+    wait_sessions_closed(upstream, 1)
+    assert [c for c in upstream.sessions[0].commands if verb(c) == "MAIL"] == ["MAIL FROM:<alice@sender.example>"]
+    assert upstream.refused_commands == []
 
 
 def test_upstream_421_after_an_accepted_recipient_defers_the_data(willi, fake_upstream) -> None:

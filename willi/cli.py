@@ -107,6 +107,11 @@ def _check_parts(config: Config, identity: Identity | None) -> int:
         sys.stdout.flush()  # keep stdout and stderr in order on a terminal or in a journal
         print(f"willi: {text}" + (f" (as user {identity.user})" if identity else ""), file=sys.stderr)
 
+    if identity is not None:  # a SIGHUP makes the daemon read the file again, as this user
+        try:
+            load_config(config.path)
+        except ConfigError as exc:
+            problem(f"{exc}; a reload (SIGHUP) would fail")
     if config.tls_cert and config.tls_key:
         try:
             server_context(config.tls_cert, config.tls_key)

@@ -261,8 +261,9 @@ class Relay:
                 if framer.done:
                     break
         except BaseException:
+            # in_data stays set: the session must end now, never read the rest of the message as commands
+            # (SmtpSession.dispatch re-raises while in_data; a client-side failure ends the session anyway).
             self.drop(polite=False)
-            self.in_data = False
             raise
         unread(rest)
         self.in_data = False

@@ -247,7 +247,7 @@ class SmtpSession:
                 if lifecycle.stopping or (idle and lifecycle.draining):
                     self.idle = False
                     self._say_shutdown()
-                    self.abort_transaction("shutdown")
+                    self.abort_transaction("Willi is stopping", by_client=False)
                     return None
             try:
                 return self.channel.readline(self.config.max_command_line, self._command_deadline(),
@@ -261,7 +261,7 @@ class SmtpSession:
             except (Woken, Closed) as exc:
                 if lifecycle.stopping or (idle and lifecycle.draining):
                     self._say_shutdown()
-                    self.abort_transaction("shutdown")
+                    self.abort_transaction("Willi is stopping", by_client=False)
                     return None
                 if isinstance(exc, Woken):
                     continue
@@ -569,11 +569,14 @@ class SmtpSession:
 
     # ---------------------------------------------------------- transaction record
 
-    def abort_transaction(self, why: str) -> None:
-        """Forget the envelope (RSET, QUIT, STARTTLS, HELO), logging it if it got anywhere."""
+    def abort_transaction(self, why: str, *, by_client: bool = True) -> None:
+        """Forget the envelope (RSET, QUIT, STARTTLS, HELO; or Willi stopping), logging it if it got anywhere."""
         tx = self.tx
         if tx is not None and tx.recipients:
-            self.end_transaction("aborted", error=f"client sent {why}", error_src="client")
+            if by_client:
+                self.end_transaction("aborted", error=f"client sent {why}", error_src="client")
+            else:
+                self.end_transaction("aborted", error=why, error_src="proxy")
         elif tx is not None and tx.last_refusal is not None:
             reply, source = tx.last_refusal
             self.end_transaction("rejected", reply=reply, error="no recipient accepted", error_src=source)

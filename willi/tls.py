@@ -15,11 +15,22 @@ def server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
     """Context for the client-facing STARTTLS: TLS 1.2 or newer, system ciphers."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    for key, path in (("tls_cert", cert_file), ("tls_key", key_file)):
+        _readable(key, path)  # name the one file at fault: load_cert_chain's error names neither
     try:
         ctx.load_cert_chain(str(cert_file), str(key_file))
     except (OSError, ssl.SSLError) as exc:
         raise TlsSetupError(f"cannot load tls_cert {cert_file} / tls_key {key_file}: {exc}") from None
     return ctx
+
+
+def _readable(key: str, path: Path) -> None:
+    """TlsSetupError naming `key` and `path` when this process (maybe the service user) cannot open it."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise TlsSetupError(f"cannot read {key} {path}: {exc.strerror or exc}") from None
 
 
 @dataclass(frozen=True)

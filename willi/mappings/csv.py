@@ -33,6 +33,16 @@ def normalize_pattern(pattern: str, *, case_sensitive_local: bool) -> str:
     return pattern_key(pattern, case_sensitive_local=case_sensitive_local)
 
 
+def is_bare_name(pattern: str) -> bool:
+    """`bob`, `postmaster`: no `@`, no dot, not `.domain` or an address literal.
+
+    Postfix's transport maps would read it as a domain, but recipients
+    reaching an MX from the internet always have a dotted domain, so such a
+    line can only be a local part written without its domain.
+    """
+    return "@" not in pattern and "." not in pattern and not pattern.startswith("[")
+
+
 def parse_csv(text: str, *, case_sensitive_local: bool = False, source: str = "<csv>") -> dict[str, Route]:
     """Parse the whole file; raise CsvFormatError naming `file:line` on any defect.
 
@@ -40,8 +50,8 @@ def parse_csv(text: str, *, case_sensitive_local: bool = False, source: str = "<
     absent; a fourth, `tls`, may follow), `#` comments and empty lines
     ignored, `;` separated. A pattern is a full address, an address without
     subaddress, a domain, or `.domain` for every subdomain of domain; one that
-    could never match a recipient (`@domain`, `*.domain`, white space) is an
-    error, not a silent dead line.
+    could never match a recipient (`@domain`, `*.domain`, white space, a bare
+    local part) is an error, not a silent dead line.
     """
     table: dict[str, Route] = {}
     columns = 0
@@ -66,6 +76,10 @@ def parse_csv(text: str, *, case_sensitive_local: bool = False, source: str = "<
             key = normalize_pattern(pattern, case_sensitive_local=case_sensitive_local)
         except PatternError as exc:
             raise CsvFormatError(f"{source}:{number}: {exc}") from None
+        if is_bare_name(pattern):
+            raise CsvFormatError(
+                f"{source}:{number}: pattern {pattern!r} is a bare local part (or a domain of one label), which "
+                f"no recipient at an MX has: write {pattern}@example.com for an address, example.com for a domain")
         if not fields[1]:
             raise CsvFormatError(f"{source}:{number}: empty server for pattern {pattern!r}")
         try:

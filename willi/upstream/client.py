@@ -341,7 +341,8 @@ class UpstreamConnection:
                      reply)
             return
         assert self.channel is not None and tls.context is not None
-        server_hostname = None if self.hop.is_address else self.hop.host
+        # An address literal is matched against the certificate's IP SANs; Python sends no SNI for it (RFC 6066).
+        server_hostname = self.hop.host.split("%", 1)[0] if self.hop.is_address else self.hop.host
         try:
             self.channel.start_tls(tls.context, time.monotonic() + self.timeouts.command, server_side=False,
                                    server_hostname=server_hostname)
