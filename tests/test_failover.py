@@ -355,6 +355,20 @@ def test_a_down_upstream_that_answers_again_is_cleared(start, fake_upstream) -> 
     assert len(only.sessions) == 3
 
 
+def test_recipient_timeout_bounds_the_whole_failover(start, fake_upstream) -> None:
+    """Three upstreams that accept and never greet: with recipient_timeout 3s the RCPT is answered
+    after about 3 s, not after three connect timeouts of 2 s each."""
+    hung = [fake_upstream(delays={"greeting": HANG}) for _ in range(3)]
+    w = start([static(", ".join(endpoint(h.port) for h in hung))], upstream_connect_timeout="2s",
+              recipient_timeout="3s")
+    started = time.monotonic()
+    replies, _ = send(w)
+    elapsed = time.monotonic() - started
+    assert replies[1][0] == 451, replies
+    assert 2.5 < elapsed < 5.5, elapsed
+    assert [len(h.sessions) for h in hung] == [1, 1, 0]  # the third was never reached
+
+
 # ---------------------------------------------------------------- host names with several addresses
 
 

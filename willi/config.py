@@ -130,6 +130,7 @@ class Config:
     upstream_max_transactions: int = 100
     upstream_down_time: float = 30.0
     upstream_address_limit: int = 5
+    recipient_timeout: float = 240.0
     xclient: str = "on"
     client_name_lookup: bool = True
     allow_untrusted_routing: bool = False
@@ -330,7 +331,8 @@ def parse_config(text: str, path: str = "<string>", base: Path | None = None) ->
         values["domain"] = domain
     for name in ("read_timeout", "write_timeout", "upstream_connect_timeout", "upstream_command_timeout",
                  "upstream_data_timeout", "cache_positive_ttl", "cache_negative_ttl", "shutdown_timeout",
-                 "stress_read_timeout", "upstream_idle_timeout", "upstream_down_time", "proxy_protocol_timeout"):
+                 "stress_read_timeout", "upstream_idle_timeout", "upstream_down_time", "proxy_protocol_timeout",
+                 "recipient_timeout"):
         values[name] = r.convert(name, parse_duration, Config.__dataclass_fields__[name].default)
     if values["proxy_protocol_timeout"] < MIN_PROXY_TIMEOUT:
         raise r.fail("proxy_protocol_timeout", f"must be at least {MIN_PROXY_TIMEOUT:g}s (HAProxy's specification)")

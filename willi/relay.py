@@ -172,11 +172,13 @@ class Relay:
         transaction was accepted is replaced once, transparently: its 421 is
         never the verdict on this message.
         """
+        deadline = time.monotonic() + self.config.recipient_timeout
         for attempt in (1, 2):
-            conn, reused = self._connection_for(route)
+            conn, reused = self._connection_for(route, deadline)
             params = conn.upstream_params(tx.params)
             if params is None:
                 return Reply.of(550, "5.6.7 Upstream server does not support SMTPUTF8")
+            conn.cap = deadline
             try:
                 mail_reply, rcpt_reply = conn.mail_and_rcpt(tx.sender, params, address)
             except UpstreamError:
@@ -184,6 +186,8 @@ class Relay:
                     self.drop(polite=False)
                     continue
                 raise
+            finally:
+                conn.cap = None
             if mail_reply.code == 421 and reused and attempt == 1:
                 self.drop(polite=False)
                 continue
@@ -193,7 +197,7 @@ class Relay:
             return rcpt_reply
         raise AssertionError("unreachable")
 
-    def _connection_for(self, route: Route) -> tuple[UpstreamConnection, bool]:
+    def _connection_for(self, route: Route, deadline: float | None = None) -> tuple[UpstreamConnection, bool]:
         """(connection, reused) for `route`: the one we have when it serves the route, a pooled one, or new."""
         conn = self.conn
         if conn is not None and conn.alive and route.same_upstream(self.route):
@@ -207,7 +211,7 @@ class Relay:
         if self.config.client_name_lookup and self.runtime.connector.xclient_mode(route) != "off":
             def prefetch() -> None:  # a new connection may ask for NAME: overlap the lookup with connecting
                 self.runtime.dns.prefetch_reverse(identity.addr)
-        conn, pooled = self.runtime.connector.open(route, identity, self.client_tls(), self.sid, prefetch)
+        conn, pooled = self.runtime.connector.open(route, identity, self.client_tls(), self.sid, prefetch, deadline)
         self.conn, self.route = conn, route
         return conn, pooled
 

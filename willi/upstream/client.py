@@ -157,6 +157,8 @@ class UpstreamConnection:
         self.transactions = 0  # completed MAIL..dot exchanges on this connection
         self.faulted = False  # an error, a timeout or a 421: never reuse
         self.idle_since = 0.0
+        #: While set, no step may end later than this (the recipient_timeout of the RCPT in hand).
+        self.cap: float | None = None
         self.debug = log.isEnabledFor(logging.DEBUG)
 
     @property
@@ -166,7 +168,9 @@ class UpstreamConnection:
     # ---------------------------------------------------------- primitives
 
     def _deadline(self, timeout: float | None) -> float:
-        return time.monotonic() + (timeout if timeout is not None else self.timeouts.command)
+        """The end of a step: its own timeout, but never past `cap` (the deadline of the RCPT being answered)."""
+        deadline = time.monotonic() + (timeout if timeout is not None else self.timeouts.command)
+        return deadline if self.cap is None or deadline < self.cap else self.cap
 
     def send(self, data: bytes | memoryview, timeout: float | None = None) -> None:
         if self.channel is None:
@@ -289,7 +293,7 @@ class UpstreamConnection:
         reached the client at any of these points, so the caller may try the
         next upstream.
         """
-        deadline = time.monotonic() + self.timeouts.connect  # one budget for the connect and the greeting
+        deadline = self._deadline(self.timeouts.connect)  # one budget for the connect and the greeting
         self.connect(family, sockaddr, deadline)
         greeting = self.read_reply(deadline - time.monotonic(), stage="greeting")
         self.expect_silence("greeting")
@@ -344,7 +348,7 @@ class UpstreamConnection:
         # An address literal is matched against the certificate's IP SANs; Python sends no SNI for it (RFC 6066).
         server_hostname = self.hop.host.split("%", 1)[0] if self.hop.is_address else self.hop.host
         try:
-            self.channel.start_tls(tls.context, time.monotonic() + self.timeouts.command, server_side=False,
+            self.channel.start_tls(tls.context, self._deadline(None), server_side=False,
                                    server_hostname=server_hostname)
         except ChannelError as exc:
             self.close(polite=False)

@@ -44,6 +44,10 @@ XCLIENT_WARNING_INTERVAL = 3600.0
 DOWN_STAGES = frozenset({"connect"})
 
 
+def _past(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
+
+
 class DownList:
     """Addresses that failed to connect, with the time until which they are skipped."""
 
@@ -106,14 +110,17 @@ class Connector:
     # ---------------------------------------------------------- connecting
 
     def open(self, route: Route, identity: ClientIdentity | None, client_tls: bool, sid: str,
-             before_connect: Callable[[], None] | None = None) -> tuple[UpstreamConnection, bool]:
+             before_connect: Callable[[], None] | None = None,
+             deadline: float | None = None) -> tuple[UpstreamConnection, bool]:
         """A connection ready for MAIL, and whether it came from the pool.
 
         A pooled connection is clean (its last transaction ended with the
         final reply, which resets an SMTP server's state, or with RSET) and
         was checked for anything it said while idle; its first command is
         the final test, and the caller replaces it once if that fails.
-        `before_connect` runs when a new connection is needed. Raises
+        `before_connect` runs when a new connection is needed. No attempt
+        goes on past `deadline` (the recipient_timeout of the RCPT being
+        answered), however many upstreams the route lists. Raises
         UpstreamError with the reply for the last failure.
         """
         tls = self.tls_policy(route, client_tls)
@@ -126,10 +133,10 @@ class Connector:
                 return conn, True
         if before_connect is not None:
             before_connect()
-        return self.connect(route, tls, identity if mode != "off" else None, mode, sid), False
+        return self.connect(route, tls, identity if mode != "off" else None, mode, sid, deadline), False
 
     def connect(self, route: Route, tls: TlsPolicy, identity: ClientIdentity | None, mode: str,
-                sid: str) -> UpstreamConnection:
+                sid: str, deadline: float | None = None) -> UpstreamConnection:
         """A new connection, failing over along the route's first `upstream_address_limit` addresses.
 
         The limit cuts the list first, as Postfix's smtp_mx_address_limit
@@ -141,7 +148,7 @@ class Connector:
         seen = 0
         for hop, family, sockaddr in self.addresses(route, sid, failures):
             seen += 1
-            if seen > self.config.upstream_address_limit:
+            if seen > self.config.upstream_address_limit or _past(deadline):
                 break
             endpoint = format_endpoint(sockaddr[0], sockaddr[1])
             if self.down.is_down(endpoint):
@@ -149,20 +156,23 @@ class Connector:
                 log.info("sid=%s upstream=%s skipped: marked down after a failed connection", sid, endpoint)
                 continue
             try:
-                return self._try(hop, family, sockaddr, tls, identity, mode, sid)
+                return self._try(hop, family, sockaddr, tls, identity, mode, sid, deadline)
             except UpstreamError as exc:
                 failures.append(exc)
         for hop, family, sockaddr in skipped:
+            if _past(deadline):
+                break
             try:
-                return self._try(hop, family, sockaddr, tls, identity, mode, sid)
+                return self._try(hop, family, sockaddr, tls, identity, mode, sid, deadline)
             except UpstreamError as exc:
                 failures.append(exc)
         raise failures[-1] if failures else unreachable(f"no address to try for {route.endpoint}")
 
     def _try(self, hop: Hop, family: int, sockaddr: tuple, tls: TlsPolicy, identity: ClientIdentity | None,
-             mode: str, sid: str) -> UpstreamConnection:
+             mode: str, sid: str, deadline: float | None = None) -> UpstreamConnection:
         endpoint = format_endpoint(sockaddr[0], sockaddr[1])
         conn = UpstreamConnection(hop, local_name=self.config.domain, timeouts=self.timeouts, session_id=sid)
+        conn.cap = deadline
         started = time.monotonic()
         try:
             conn.setup(family, sockaddr, tls, identity, mode)
