@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run Willi's whole test suite on this machine.
 #
-#   ./run-tests.sh            # everything: lint, unit, end-to-end, MariaDB, Postfix, release
+#   ./run-tests.sh            # everything: lint, unit, end-to-end, MariaDB, Postfix, HAProxy, release
 #   ./run-tests.sh -k dialog  # extra arguments go to pytest
 #
 # What this script installs and changes on the machine:
@@ -9,8 +9,9 @@
 # * As root on Debian (apt-get present), only packages that are missing:
 #   `apt-get update`, then `apt-get install --no-install-recommends` of
 #   postfix (debconf answer "No configuration"), swaks, openssl, haproxy,
-#   openssh-server, python3-venv, and mariadb-server when no MariaDB is
-#   installed. Installing a package may start its service, as Debian does.
+#   openssh-server, openssh-client, make, groff-base, curl, python3-venv,
+#   and mariadb-server when no MariaDB is installed. Installing a package
+#   may start its service, as Debian does.
 # * As root, when MariaDB is installed but not running, it starts mariadbd
 #   (as the mysql user, with the system configuration) and stops that server,
 #   by the PID it started, when the tests end. A MariaDB that was already
@@ -24,8 +25,9 @@
 #   (pip, from the configured package index). ruff and pytest run from it.
 # * The tests themselves create and drop their own MariaDB database and user
 #   (willi_test_<random>, logging in as MariaDB's root over the unix socket),
-#   and start and stop private MariaDB and Postfix instances in temporary
-#   directories on high ports on 127.0.0.1 (and ::1); nothing is left behind.
+#   and start and stop private MariaDB, Postfix, HAProxy and sshd instances
+#   in temporary directories on high ports on 127.0.0.1 (and ::1), and
+#   throw-away system users for the install tests; nothing is left behind.
 #
 # With CI set (non-empty), every skip is a failure instead (tests/conftest.py).
 set -euo pipefail
@@ -64,6 +66,10 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   command -v openssl >/dev/null || need+=(openssl)
   command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
   [ -x /usr/sbin/sshd ] || need+=(openssh-server)
+  command -v ssh >/dev/null && command -v scp >/dev/null || need+=(openssh-client)
+  command -v make >/dev/null || need+=(make)
+  command -v groff >/dev/null || need+=(groff-base)
+  command -v curl >/dev/null || need+=(curl)
   venv_works || need+=(python3-venv)
   have_mariadbd || need+=(mariadb-server)
   if [ ${#need[@]} -gt 0 ]; then

@@ -31,6 +31,7 @@ setup(
             "hypothesis>=6",
             "trustme>=1.0",
             "ruff",
+            "prometheus_client>=0.16",  # the metrics tests
         ],
     },
     entry_points={"console_scripts": ["willi = willi.cli:main"]},
