@@ -53,7 +53,8 @@ Hostile upstreams (for the "upstream replies are checked, not trusted" tests):
 - `unsolicited={step: text}` sends `text` right after the step's reply, in
   the same write: a second reply to one command, or data after the greeting.
 - `data_interjection=(n, text)` sends `text` once `n` octets of message data
-  arrived (after 354, before the final dot); the dot is answered as usual
+  arrived (after 354, before the final dot; bytes are sent as they are, a
+  str as reply lines); the dot is answered as usual
   (script it with `replies={"dot": ...}`). `interjected` is set when it went
   out, so a test can make the client finish only afterwards.
 - `dribble={step: seconds}` sends the step's reply one byte at a time, with
@@ -474,7 +475,7 @@ class FakeUpstream:
         delays: dict[str, float] | None = None,
         ehlo_supported: bool = True,
         unsolicited: dict[str, str] | None = None,
-        data_interjection: tuple[int, str] | None = None,
+        data_interjection: tuple[int, str | bytes] | None = None,
         dribble: dict[str, float] | None = None,
     ) -> None:
         self.host = host
@@ -958,7 +959,7 @@ class _Conversation:
         if interjection is not None:
             count, extra = interjection
             self.reader.wait_for_data(count)
-            self.sock.sendall(_format(extra))
+            self.sock.sendall(extra if isinstance(extra, bytes) else _format(extra))
             self.server.interjected.set()
         data, completed = self.reader.read_data()
         with self.server._lock:

@@ -926,3 +926,15 @@ def test_dribble_stops_with_the_server(fake_upstream: Factory) -> None:
         assert time.monotonic() - started < 3.0
     finally:
         sock.close()
+
+
+def test_data_interjection_bytes_are_sent_raw(fake_upstream: Factory) -> None:
+    server = fake_upstream(data_interjection=(1, b"2"))
+    with raw_client(server) as (sock, f):
+        for line in (b"MAIL FROM:<a@example.com>", b"RCPT TO:<b@example.com>", b"DATA"):
+            sock.sendall(line + b"\r\n")
+            read_reply(f)
+        sock.sendall(b"x\r\n")
+        assert server.interjected.wait(5)
+        sock.sendall(b".\r\n")
+        assert f.readline().startswith(b"2250 2.0.0 Ok: queued as")  # no line end after the raw "2"
