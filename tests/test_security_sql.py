@@ -374,3 +374,97 @@ def test_slow_database_name_end_to_end_is_451_430_in_time(new_routes: Routes, sl
             client.close()
     finally:
         w.stop()
+
+
+# ---------------------------------------------------------------- point 9: the whole connect has one deadline
+
+
+class DribblingDatabase:
+    """Accepts TCP and sends a real server's handshake packet one byte every `pause` seconds."""
+
+    def __init__(self, handshake: bytes, pause: float = 0.5) -> None:
+        self.handshake, self.pause = handshake, pause
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.stopping = threading.Event()
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.dribble, args=(conn,), daemon=True).start()
+
+    def dribble(self, conn: socket.socket) -> None:
+        with conn:
+            for byte in self.handshake:
+                if self.stopping.wait(self.pause):
+                    return
+                try:
+                    conn.send(bytes([byte]))
+                except OSError:
+                    return
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.listener.close()
+
+
+@pytest.fixture
+def dribbling_db(system_mariadb: TestDatabase) -> Iterator[DribblingDatabase]:
+    with socket.create_connection((system_mariadb.host, system_mariadb.port), timeout=5) as real:
+        handshake = real.recv(4096)  # the server speaks first: its greeting packet, ~100 bytes
+    assert len(handshake) > 20
+    db = DribblingDatabase(handshake)
+    yield db
+    db.stop()
+
+
+def test_a_database_dribbling_its_handshake_fails_within_connect_timeout(new_routes: Routes,
+                                                                         dribbling_db: DribblingDatabase) -> None:
+    config = parse_config(new_routes.mapping_toml(NEW_QUERY).replace(f"port = {new_routes.db.port}",
+                                                                     f"port = {dribbling_db.port}"), "test.toml")
+    mapping = SqlMapping(config.mappings[0], 0)  # type: ignore[arg-type]
+    durations: list[float] = []
+
+    def lookup() -> None:
+        started = time.monotonic()
+        try:
+            with pytest.raises(MappingError, match="timed out after 2s"):
+                mapping.lookup("example.com")
+        finally:
+            durations.append(time.monotonic() - started)
+
+    try:
+        threads = [threading.Thread(target=lookup) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        lookup()  # and once more, alone
+    finally:
+        mapping.close()
+    assert len(durations) == 4 and max(durations) < 2 + 2.5, durations  # not ~50 s of dribbled handshake
+
+
+def test_a_dribbling_database_is_451_430_in_time_end_to_end(new_routes: Routes, dribbling_db: DribblingDatabase,
+                                                            tmp_path: Path) -> None:
+    from toml import loads
+
+    table = loads(new_routes.mapping_toml(NEW_QUERY))["mappings"][0]
+    table["port"] = dribbling_db.port
+    w = start(tmp_path, [table])
+    try:
+        client = open_transaction(w)
+        try:
+            started = time.monotonic()
+            code, lines = client.cmd("RCPT TO:<a@example.com>")
+            elapsed = time.monotonic() - started
+        finally:
+            client.close()
+    finally:
+        w.stop()
+    assert code == 451 and lines[0].startswith("4.3.0"), (code, lines)
+    assert elapsed < 2 + 2.5, elapsed
