@@ -330,3 +330,63 @@ def test_upstream_timeouts_are_shorter_than_the_clients_by_default() -> None:
     assert defaults["upstream_command_timeout"].default < read
     assert defaults["upstream_connect_timeout"].default + defaults["upstream_command_timeout"].default < read
     assert defaults["upstream_data_timeout"].default <= read  # a client waits 10 min for the dot's reply (4.5.3.2.6)
+
+
+class DiscardingSink:
+    """An SMTP upstream that counts the message data and keeps none of it (unlike the recording fake)."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.received = 0
+        self.done = threading.Event()
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        conn, _ = self.listener.accept()
+        conn.settimeout(30)
+        with conn:
+            f = conn.makefile("rb")
+            conn.sendall(b"220 sink ESMTP\r\n")
+            for reply in (b"250 sink\r\n", b"250 2.1.0 Ok\r\n", b"250 2.1.5 Ok\r\n", b"354 go\r\n"):
+                f.readline()
+                conn.sendall(reply)
+            tail = b""
+            while not tail.endswith(b"\r\n.\r\n"):
+                chunk = f.read1(65536)
+                if not chunk:
+                    return
+                self.received += len(chunk)
+                tail = (tail + chunk)[-5:]
+            conn.sendall(b"250 2.0.0 Ok: queued as SINK\r\n")
+            self.done.set()
+            f.readline()
+
+    def stop(self) -> None:
+        self.listener.close()
+
+
+def test_a_20_mib_message_line_streams_with_bounded_memory(tmp_path: Path, traced: None) -> None:
+    """design.md DATA invariant 5: memory per connection stays bounded whatever the line length."""
+    sink = DiscardingSink()
+    w = start(tmp_path, [static_mapping(sink.port)], max_message_bytes="64MiB")
+    chunk = b"z" * (256 * KIB)
+    client = open_transaction(w)
+    try:
+        assert client.cmd("RCPT TO:<b@example.com>")[0] == 250
+        assert client.cmd("DATA")[0] == 354
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        client.send(b"Subject: one long line\r\n\r\n")
+        for _ in range(80):  # 20 MiB without a line end
+            client.send(chunk)
+        client.send(b"\r\n.\r\n")
+        code, reply = client.reply()
+        peak = tracemalloc.get_traced_memory()[1] - base
+        assert code == 250 and "SINK" in reply[0], reply
+    finally:
+        client.close()
+        w.stop()
+        sink.stop()
+    assert sink.received >= 80 * 256 * KIB
+    assert peak < 4 * MIB, f"peak {peak // KIB} KiB for a 20 MiB line"

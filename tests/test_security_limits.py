@@ -16,6 +16,7 @@ against the configured timeout with a wide margin (the machine is shared).
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -508,3 +509,111 @@ def test_dns_pool_without_threads_answers_tempunavail_at_once(monkeypatch: pytes
     monkeypatch.undo()
     pool.prefetch_reverse("192.0.2.1")  # threads are back: the pool works again
     assert pool.reverse("127.0.0.1", 5.0) != willi.dns.TEMPUNAVAIL
+
+
+# ---------------------------------------------------------------- variants: TLS, forward DNS, upstream names
+
+
+@pytest.fixture
+def tls_proxy(tmp_path: Path, fake_upstream: Callable[..., FakeUpstream], pki) -> Iterator[RunningWilli]:
+    upstream = fake_upstream()
+    w = start(tmp_path, [static_mapping(upstream.port)], read_timeout="2s", tls_cert=str(pki.cert_file),
+              tls_key=str(pki.key_file))
+    yield w
+    w.stop()
+
+
+def client_hello(context: ssl.SSLContext) -> bytes:
+    """The bytes a TLS client sends first, made without a socket."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def test_a_tls_handshake_dribbled_a_byte_at_a_time_is_cut_at_read_timeout(tls_proxy: RunningWilli, pki) -> None:
+    client = tls_proxy.raw()
+    try:
+        client.ehlo()
+        assert client.cmd("STARTTLS")[0] == 220
+        hello = client_hello(pki.client_context())
+        dribbler = Dribbler(client.sock, hello, 0.3)  # a few hundred bytes: minutes at this pace
+        started = time.monotonic()
+        dribbler.start()
+        assert client.closed(2 + MARGIN + 1), "the half-done handshake kept its slot"
+        elapsed = time.monotonic() - started
+        dribbler.stop.set()
+        assert elapsed < 2 + MARGIN, elapsed
+    finally:
+        client.close()
+
+
+def test_a_command_dribbled_inside_tls_is_cut_at_read_timeout(tls_proxy: RunningWilli, pki) -> None:
+    client = tls_proxy.raw()
+    try:
+        client.ehlo()
+        assert client.cmd("STARTTLS")[0] == 220
+        client.starttls(pki.client_context())
+        dribbler = Dribbler(client.sock, b"EHLO a.slow.tls.client.example\r\n" * 5, 0.3)  # one TLS record a byte
+        started = time.monotonic()
+        dribbler.start()
+        code, lines = client.reply()
+        elapsed = time.monotonic() - started
+        dribbler.stop.set()
+        assert code == 421 and lines[0].startswith("4.4.2"), (code, lines)
+        assert 1.5 < elapsed < 2 + MARGIN, elapsed
+    finally:
+        client.close()
+
+
+def test_a_forward_lookup_that_never_answers_is_tempunavail_within_5s(xclient_proxy, reverse_dns: HangingReverse,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The PTR answers at once, the name's A record never does: the same bound, the same answer."""
+    w, upstream = xclient_proxy
+    reverse_dns.names["127.0.4.1"] = "slow-forward.willi.test"
+    original = socket.getaddrinfo
+
+    def hanging(host: object, *args: object, **kwargs: object) -> list:
+        if host == "slow-forward.willi.test":
+            reverse_dns.release.wait(60)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return original(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging)
+    code, elapsed = rcpt_from(w, "127.0.4.1")
+    assert code == 250
+    assert elapsed < willi.session.NAME_LOOKUP_WAIT + MARGIN, elapsed
+    assert xclient_name(upstream, "127.0.4.1") == "[TEMPUNAVAIL]"
+
+
+def test_an_upstream_name_that_never_resolves_is_451_441_within_the_connect_timeout(
+        tmp_path: Path, fake_upstream: Callable[..., FakeUpstream], monkeypatch: pytest.MonkeyPatch) -> None:
+    release = threading.Event()
+    original = socket.getaddrinfo
+
+    def hanging(host: object, *args: object, **kwargs: object) -> list:
+        flags = kwargs.get("flags", 0)
+        if host == "slow-mx.willi.test" and not int(flags) & socket.AI_NUMERICHOST:  # type: ignore[call-overload]
+            release.wait(60)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return original(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging)
+    willi.dns.DNS.clear()
+    mapping = {"type": "static", "server": "slow-mx.willi.test:25", "tls_verify": False}
+    w = start(tmp_path, [mapping], upstream_connect_timeout="2s")
+    try:
+        client = open_transaction(w)
+        try:
+            started = time.monotonic()
+            replies = [client.cmd(f"RCPT TO:<{r}@example.com>") for r in ("a", "b")]
+            elapsed = time.monotonic() - started
+        finally:
+            client.close()
+    finally:
+        release.set()
+        w.stop()
+        willi.dns.DNS.clear()
+    assert all(code == 451 and lines[0].startswith("4.4.1") for code, lines in replies), replies
+    assert elapsed < 2 * 2 + 2 * MARGIN, elapsed  # each recipient waits its own deadline, no more

@@ -367,3 +367,42 @@ def test_a_slow_but_complete_reply_within_the_timeout_is_relayed(fake_upstream: 
     finally:
         w.stop()
     assert (code, reply) == (250, ["ok"])
+
+
+# ---------------------------------------------------------------- variants: TLS to the upstream, setup steps
+
+
+def test_an_early_reply_over_tls_is_451_without_the_dot(fake_upstream: Factory, pooled, pki) -> None:
+    """Willi's check for unsolicited data must see TLS records (buffered in the SSL object) too."""
+    upstream = fake_upstream(tls_context=pki.server_context(), data_interjection=(1, "250 2.0.0 early"),
+                             replies={"dot": "550 5.7.1 no"})
+    w = pooled(upstream)
+    client = open_transaction(w)
+    try:
+        code, reply = interjected_transaction(client, upstream, "b@example.com")
+        assert code == 451 and reply[0].startswith("4.5.0"), (code, reply)
+    finally:
+        client.close()
+    assert closed_sessions(upstream, 1)
+    assert upstream.sessions[0].tls
+    assert upstream.completed_transactions == []
+
+
+@pytest.mark.parametrize("step", ["starttls", "xclient"])
+def test_a_dribbled_setup_reply_is_cut_at_the_command_timeout(fake_upstream: Factory, tmp_path: Path, pki,
+                                                             step: str) -> None:
+    kwargs = {"tls_context": pki.server_context()} if step == "starttls" else {"xclient": "ADDR NAME"}
+    upstream = fake_upstream(dribble={step: 1.0}, **kwargs)
+    w = start(tmp_path, [static_mapping(upstream.port)], **DRIBBLE_SETTINGS)
+    try:
+        client = open_transaction(w)
+        try:
+            started = time.monotonic()
+            code, reply = client.cmd("RCPT TO:<b@example.com>")
+            elapsed = time.monotonic() - started
+        finally:
+            client.close()
+    finally:
+        w.stop()
+    assert code == 451, (code, reply)
+    assert elapsed < 2 + MARGIN, elapsed
