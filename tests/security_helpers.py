@@ -7,7 +7,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from proxy_helpers import make_config
@@ -46,7 +46,7 @@ def captured(logger: str, level: int = logging.INFO) -> Iterator[list[str]]:
         log.setLevel(old_level)
 
 
-def transaction_lines() -> contextmanager:  # type: ignore[type-arg]
+def transaction_lines() -> AbstractContextManager[list[str]]:
     """The one-line-per-transaction records written inside the block."""
     return captured(TRANSACTION_LOGGER)
 
