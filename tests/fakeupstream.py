@@ -49,7 +49,18 @@ the command sequence (503), or used a command that was not offered (502), is
 recorded in `RecordedSession.refused`; scripted replies never replace such a
 verdict, since a real server checks syntax before policy.
 
-Steps, used as keys of `replies`, `delays` and `drop_at`: "greeting",
+Hostile upstreams (for the "upstream replies are checked, not trusted" tests):
+- `unsolicited={step: text}` sends `text` right after the step's reply, in
+  the same write: a second reply to one command, or data after the greeting.
+- `data_interjection=(n, text)` sends `text` once `n` octets of message data
+  arrived (after 354, before the final dot; bytes are sent as they are, a
+  str as reply lines); the dot is answered as usual
+  (script it with `replies={"dot": ...}`). `interjected` is set when it went
+  out, so a test can make the client finish only afterwards.
+- `dribble={step: seconds}` sends the step's reply one byte at a time, with
+  `seconds` between bytes (a reply that never completes in time).
+
+Steps, used as keys of `replies`, `delays`, `dribble`, `unsolicited` and `drop_at`: "greeting",
 "ehlo", "helo", "starttls", "xclient", "mail", "rcpt", "data", "dot" (the
 reply after the message's terminating ".\\r\\n"), "rset", "noop", "quit",
 and the lowercase verb of any other command.
@@ -411,6 +422,12 @@ class _Reader:
             if not self._fill():
                 return None
 
+    def wait_for_data(self, count: int) -> None:
+        """Buffer at least `count` octets, or up to the end of the message data, or EOF."""
+        while len(self._buf) < count and CRLF_TERMINATOR not in self._buf and not self._buf.startswith(TERMINATOR):
+            if not self._fill():
+                return
+
     def read_data(self) -> tuple[bytes, bool]:
         """Message bytes up to CRLF "." CRLF, verbatim; (partial, False) on EOF."""
         while len(self._buf) < len(TERMINATOR) and TERMINATOR.startswith(self._buf):
@@ -463,6 +480,9 @@ class FakeUpstream:
         drop_at: str | None = None,
         delays: dict[str, float] | None = None,
         ehlo_supported: bool = True,
+        unsolicited: dict[str, str] | None = None,
+        data_interjection: tuple[int, str | bytes] | None = None,
+        dribble: dict[str, float] | None = None,
     ) -> None:
         self.host = host
         self.port = 0
@@ -479,6 +499,11 @@ class FakeUpstream:
         self.drop_at = drop_at
         self.delays = dict(delays or {})
         self.ehlo_supported = ehlo_supported
+        self.unsolicited = dict(unsolicited or {})
+        self.data_interjection = data_interjection
+        self.dribble = dict(dribble or {})
+        #: Set once a `data_interjection` went out.
+        self.interjected = threading.Event()
         self.sessions: list[RecordedSession] = []
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -704,13 +729,25 @@ class _Conversation:
         _close_after(text)
 
     def _send(self, step: str, text: str) -> None:
-        """Apply delay/drop for `step`, then send `text` as it is."""
-        delay = self.server.delays.get(step)
+        """Apply delay/drop for `step`, then send `text` (and any unsolicited extra) as it is."""
+        server = self.server
+        delay = server.delays.get(step)
         if delay:
-            self.server._stopping.wait(delay)
-        if self.server.drop_at == step or self.server._stopping.is_set():
+            server._stopping.wait(delay)
+        if server.drop_at == step or server._stopping.is_set():
             raise _Hangup
-        self.sock.sendall(_format(text))
+        data = _format(text)
+        extra = server.unsolicited.get(step)
+        if extra is not None:
+            data += _format(extra)
+        pause = server.dribble.get(step)
+        if not pause:
+            self.sock.sendall(data)
+            return
+        for i in range(len(data)):
+            if i and server._stopping.wait(pause):
+                raise _Hangup
+            self.sock.sendall(data[i : i + 1])
 
     def _reply_for(self, step: str, default: str) -> str:
         return self.server.replies.get(step, default)
@@ -948,6 +985,12 @@ class _Conversation:
         self._reply("data", text)
         if not text.startswith("3"):
             return
+        interjection = self.server.data_interjection
+        if interjection is not None:
+            count, extra = interjection
+            self.reader.wait_for_data(count)
+            self.sock.sendall(extra if isinstance(extra, bytes) else _format(extra))
+            self.server.interjected.set()
         data, completed = self.reader.read_data()
         with self.server._lock:
             txn.data = data

@@ -845,3 +845,96 @@ def test_silent_client_after_421_is_dropped_after_linger(fake_upstream: Factory)
         assert sock.recv(1024) == BUSY.encode() + b"\r\n"
         assert server.wait_for(lambda: server.sessions[0].closed, timeout=LINGER_AFTER_421 + 2)
         assert bytes(server.sessions[0].after_421) == b""
+
+
+# -- hostile options: unsolicited replies, data interjection, dribbling ------------
+
+
+def test_unsolicited_text_follows_the_reply_in_the_same_write(fake_upstream: Factory) -> None:
+    server = fake_upstream(unsolicited={"rcpt": "250 2.1.5 and once more"})
+    with raw_client(server) as (sock, f):
+        sock.sendall(b"MAIL FROM:<a@example.com>\r\n")
+        assert read_reply(f) == [b"250 2.1.0 Ok"]
+        sock.sendall(b"RCPT TO:<b@example.com>\r\n")
+        assert read_reply(f) == [b"250 2.1.5 Ok"]
+        assert read_reply(f) == [b"250 2.1.5 and once more"]  # nobody asked for this one
+        sock.sendall(b"NOOP\r\n")
+        assert read_reply(f) == [b"250 2.0.0 Ok"]  # other steps are unaffected
+
+
+def test_unsolicited_text_after_the_greeting(fake_upstream: Factory) -> None:
+    server = fake_upstream(unsolicited={"greeting": "250 pregreet"})
+    with socket.create_connection((server.host, server.port), timeout=5) as sock:
+        f = sock.makefile("rb")
+        assert read_reply(f) == [b"220 fake.upstream ESMTP"]
+        assert read_reply(f) == [b"250 pregreet"]
+
+
+def test_data_interjection_goes_out_after_n_octets_and_the_dot_is_answered(fake_upstream: Factory) -> None:
+    server = fake_upstream(data_interjection=(10, "250 2.0.0 early"), replies={"dot": "550 5.7.1 no"})
+    with raw_client(server) as (sock, f):
+        for line in (b"MAIL FROM:<a@example.com>", b"RCPT TO:<b@example.com>", b"DATA"):
+            sock.sendall(line + b"\r\n")
+            read_reply(f)
+        sock.sendall(b"Subject: 12")  # 11 octets: the interjection is due
+        assert server.interjected.wait(5)
+        assert read_reply(f) == [b"250 2.0.0 early"]
+        sock.sendall(b"\r\n\r\nbody\r\n.\r\n")
+        assert read_reply(f) == [b"550 5.7.1 no"]
+    assert server.wait_for(lambda: server.sessions[0].closed)
+    (txn,) = server.all_transactions
+    assert txn.completed and txn.data == b"Subject: 12\r\n\r\nbody\r\n"
+
+
+def test_no_interjection_before_enough_data(fake_upstream: Factory) -> None:
+    server = fake_upstream(data_interjection=(1000, "250 early"))
+    with raw_client(server) as (sock, f):
+        for line in (b"MAIL FROM:<a@example.com>", b"RCPT TO:<b@example.com>", b"DATA"):
+            sock.sendall(line + b"\r\n")
+            read_reply(f)
+        sock.sendall(b"short\r\n")
+        assert not server.interjected.wait(0.3)
+        sock.sendall(b".\r\n")  # the end of the data comes first: then it is sent before the dot's reply
+        assert read_reply(f) == [b"250 early"]
+        assert read_reply(f)[0].startswith(b"250 2.0.0 Ok: queued as")
+
+
+def test_dribble_sends_one_byte_at_a_time(fake_upstream: Factory) -> None:
+    server = fake_upstream(dribble={"greeting": 0.05}, greeting="220 slow")
+    with socket.create_connection((server.host, server.port), timeout=5) as sock:
+        started = time.monotonic()
+        received = b""
+        chunks = 0
+        while not received.endswith(b"\r\n"):
+            chunk = sock.recv(100)
+            assert chunk
+            received += chunk
+            chunks += 1
+    assert received == b"220 slow\r\n"
+    # 10 bytes with 9 pauses of 0.05 s; reads may coalesce bytes, but not all of them.
+    assert time.monotonic() - started >= 0.4
+    assert chunks >= 3
+
+
+def test_dribble_stops_with_the_server(fake_upstream: Factory) -> None:
+    server = FakeUpstream(dribble={"greeting": 5.0}).start()
+    sock = socket.create_connection((server.host, server.port), timeout=5)
+    try:
+        assert sock.recv(10) == b"2"
+        started = time.monotonic()
+        server.stop()
+        assert time.monotonic() - started < 3.0
+    finally:
+        sock.close()
+
+
+def test_data_interjection_bytes_are_sent_raw(fake_upstream: Factory) -> None:
+    server = fake_upstream(data_interjection=(1, b"2"))
+    with raw_client(server) as (sock, f):
+        for line in (b"MAIL FROM:<a@example.com>", b"RCPT TO:<b@example.com>", b"DATA"):
+            sock.sendall(line + b"\r\n")
+            read_reply(f)
+        sock.sendall(b"x\r\n")
+        assert server.interjected.wait(5)
+        sock.sendall(b".\r\n")
+        assert f.readline().startswith(b"2250 2.0.0 Ok: queued as")  # no line end after the raw "2"

@@ -87,6 +87,8 @@ def check(config: Config) -> int:
                 status = _check_parts(config, identity)
             except StartupError as exc:
                 fail(str(exc))
+            except Exception as exc:  # os._exit below would swallow the traceback: say at least what failed
+                fail(f"check FAILED: unexpected error: {type(exc).__name__}: {exc}")
             finally:
                 sys.stdout.flush()
                 sys.stderr.flush()

@@ -276,8 +276,14 @@ def _describe(name: str, value: object) -> str:
 
 
 def _safe_toml_message(message: str) -> str:
-    """The TOML parser quotes offending text, which may be a password: drop every quoted part."""
-    return re.sub(r"'[^']*'|\"[^\"]*\"", "'...'", message)
+    """The TOML parser's message without the file's text, which may be a password.
+
+    Its messages embed what they found after ": " (`Invalid escape sequence: <4-8
+    characters of the string>`, `invalid literal for int() with base 0: '<value>'`),
+    in quotes, or as a dump of the table parsed so far (`What? x already exists?{...}`,
+    unquoted numbers included); only the part before the first of those is kept.
+    """
+    return re.split(r": |['\"{\[]", message, maxsplit=1)[0].rstrip() or "invalid TOML"
 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:

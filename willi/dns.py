@@ -115,7 +115,11 @@ class DnsPool:
                 except queue.Full:
                     raise DnsError(f"resolver busy looking up {key[1]}", temporary=True) from None
                 self._inflight[key] = job
-                self._start_worker()
+                if not self._start_worker():
+                    # No thread could start and none runs: nobody would ever answer this job. (Its queue
+                    # entry is answered by the next worker that starts, for nobody.)
+                    del self._inflight[key]
+                    raise DnsError(f"no thread free to look up {key[1]}", temporary=True)
         if timeout <= 0 and not job.done.is_set():
             raise DnsError(f"no answer yet for {key[1]}", temporary=True)
         if not job.done.wait(timeout):
@@ -124,13 +128,21 @@ class DnsPool:
             raise job.error
         return job.result
 
-    def _start_worker(self) -> None:
-        """Add a thread while there are fewer than `threads` (called with the lock held)."""
+    def _start_worker(self) -> bool:
+        """Add a thread while there are fewer than `threads` (called with the lock held).
+
+        False when a thread was needed but could not start ("can't start new
+        thread": a thread shortage) and no other is running to take the job.
+        """
         self._workers = [t for t in self._workers if t.is_alive()]
         if len(self._workers) < self.threads and self._queue.qsize() > 0:
             thread = threading.Thread(target=self._work, name="willi-dns", daemon=True)
-            thread.start()
+            try:
+                thread.start()
+            except RuntimeError:
+                return bool(self._workers)  # the running workers will get to the job
             self._workers.append(thread)
+        return True
 
     def _work(self) -> None:
         while True:

@@ -212,6 +212,8 @@ class SmtpSession:
                     return
                 self.dispatch(line)
             self.flush()
+            # Closed for too many errors in the middle of a transaction: it still gets its log line.
+            self.abort_transaction("too many errors")
         except ClientTimeout:
             self._final(Reply.of(421, f"4.4.2 {self.config.domain} Timeout, closing connection"))
             self.end_transaction("aborted", error="client timeout", error_src="client")

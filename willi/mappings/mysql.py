@@ -32,6 +32,7 @@ import logging
 import math
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -71,20 +72,78 @@ _TIMEOUT_ERRORS = (
 )
 
 
+class _ConnectDeadline:
+    """One deadline for the whole connect: name resolution, TCP, the server's handshake, TLS, login.
+
+    The connector's `connection_timeout` bounds each socket operation on its
+    own, so a server (or anything in between) that dribbles its handshake a
+    byte at a time held one lookup for 53 s against connect_timeout = 2s. A
+    timer breaks the socket being opened when the deadline passes; a connect
+    that finished first cancels it. (One short-lived thread per connect; the
+    pool's slots bound how many run at once.)
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.deadline = time.monotonic() + seconds
+        self.expired = False
+        self._socket: MySQLSocket | None = None
+        self._done = False
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def watch(self, sock: MySQLSocket) -> None:
+        with self._lock:
+            self._socket = sock
+            if self.expired:
+                self._break()
+
+    def _expire(self) -> None:
+        with self._lock:
+            if not self._done:
+                self.expired = True
+                self._break()
+
+    def _break(self) -> None:
+        raw = self._socket.sock if self._socket is not None else None
+        if raw is not None:
+            try:
+                socket.socket.shutdown(raw, socket.SHUT_RDWR)  # wakes the reader; for TLS sockets too
+            except OSError:
+                pass
+
+    def __enter__(self) -> None:
+        try:
+            self._timer.start()
+        except RuntimeError:
+            pass  # no thread to spare right now: each socket operation is still bounded
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._done = True
+        self._timer.cancel()
+
+
 class _BoundedTCPSocket(MySQLTCPSocket):
     """The connector's TCP socket, with the host name resolved by Willi's bounded DNS.
 
     The connector calls getaddrinfo itself, which no timeout bounds (a slow
     resolver took 6 s against a 2 s connect_timeout, again for every
-    recipient). Here the name is resolved within `connect_timeout` and the
-    connection is made to the address; the name stays the server's name for
-    TLS (SNI and host name verification).
+    recipient). Here the name is resolved within what is left of the
+    connect's deadline and the connection is made to the address; the name
+    stays the server's name for TLS (SNI and host name verification).
     """
 
+    deadline: _ConnectDeadline | None = None
+
     def open_connection(self) -> None:
-        timeout = self._connection_timeout or 5.0
+        deadline = self.deadline or _ConnectDeadline(self._connection_timeout or 5.0)
         try:
-            addresses = DNS.resolve(self.server_host, self.server_port, timeout)
+            addresses = DNS.resolve(self.server_host, self.server_port, max(deadline.remaining(), 0.0))
         except DnsError as exc:
             raise dberrors.InterfaceError(errno=2005, msg=f"cannot resolve {self.server_host}: {exc}") from None
         family, sockaddr = next(((f, a) for f, a in addresses if f == socket.AF_INET6), addresses[0]) \
@@ -92,7 +151,10 @@ class _BoundedTCPSocket(MySQLTCPSocket):
         self._family = family
         sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
-            sock.settimeout(timeout)
+            remaining = deadline.remaining()
+            if remaining <= 0:
+                raise TimeoutError("no time left")
+            sock.settimeout(min(remaining, self._connection_timeout or remaining))
             sock.connect(sockaddr)
         except (TimeoutError, socket.timeout):
             sock.close()
@@ -105,15 +167,19 @@ class _BoundedTCPSocket(MySQLTCPSocket):
                 errno=2003, msg=f"Can't connect to MySQL server on '{self.server_host}:{self.server_port}' "
                                 f"({exc.strerror or exc})") from None
         self.sock = sock
+        deadline.watch(self)
 
 
 class _BoundedConnection(MySQLConnection):
-    """MySQLConnection that opens TCP through `_BoundedTCPSocket`."""
+    """MySQLConnection that opens TCP through `_BoundedTCPSocket`, within one `_ConnectDeadline`."""
+
+    willi_deadline: _ConnectDeadline | None = None
 
     def _get_connection(self) -> MySQLSocket:
         if self._unix_socket:
             return super()._get_connection()
         conn = _BoundedTCPSocket(host=self.server_host, port=self.server_port, force_ipv6=self._force_ipv6)
+        conn.deadline = self.willi_deadline
         conn.set_connection_timeout(self._connection_timeout)
         return conn
 
@@ -265,8 +331,12 @@ class SqlMapping:
         """Open a connection with the configured timeouts and TLS policy."""
         password = self._secret = self._password()
         conn: MySQLConnection | None = None
+        deadline = _ConnectDeadline(self.config.connect_timeout)
         try:
-            conn = _BoundedConnection(**self._connect_args(password))
+            with deadline:
+                conn = _BoundedConnection()
+                conn.willi_deadline = deadline
+                conn.connect(**self._connect_args(password))
             if self.config.tls and not conn.is_secure:
                 # Without certificate verification the connector quietly falls
                 # back to plaintext when the server offers no TLS; refuse that.
@@ -289,6 +359,10 @@ class SqlMapping:
             ) from None
         except Exception as err:  # driver, ssl and OS errors alike
             _shutdown(conn)
+            if deadline.expired:
+                raise MappingError(
+                    f"{self.name}: cannot connect: timed out after {self.config.connect_timeout:g}s "
+                    f"(connect, handshake and login together)") from None
             raise MappingError(f"{self.name}: cannot connect: {_message(err, password)}") from None
         return _Session(conn, cursor)
 

@@ -402,7 +402,14 @@ class UpstreamConnection:
         return self.command(f"RCPT TO:<{recipient}>")
 
     def data(self) -> Reply:
-        return self.command("DATA")
+        """DATA: 354, or a 4xx/5xx refusal. Anything else (a 2xx) cannot be an answer to DATA (RFC 5321
+        4.3.2): it is a reply meant for an earlier command, so the replies are out of step with the commands
+        and none of them can be relayed."""
+        reply = self.command("DATA")
+        if reply.code != 354 and reply.code // 100 not in (4, 5):
+            self.close(polite=False)
+            raise protocol_error(f"{self.endpoint} answered DATA with {reply}", "data")
+        return reply
 
     def send_data(self, chunk: bytes) -> None:
         """Stream message bytes that the DataFramer already made safe."""
