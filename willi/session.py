@@ -171,8 +171,11 @@ class SmtpSession:
         data = b"".join(self.out) if len(self.out) > 1 else self.out[0]
         self.out.clear()
         self.out_size = 0
+        timeout = self.config.write_timeout
+        if self.admission.stressed():  # a client that does not read its replies must not hold a slot either
+            timeout = min(timeout, self.config.stress_read_timeout)
         try:
-            self.channel.send(data, time.monotonic() + self.config.write_timeout)
+            self.channel.send(data, time.monotonic() + timeout)
         except TimedOut:
             raise ClientGone("write timed out") from None
         except Closed as exc:
