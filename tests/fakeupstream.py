@@ -377,6 +377,8 @@ class _Hangup(Exception):
 
 class _Closed421(Exception):
     """Raised after a 421 went out: the channel closes (RFC 5321 3.8)."""
+
+
 class _Reader:
     """Buffered reading from a socket that records every received byte.
 
@@ -487,6 +489,10 @@ class FakeUpstream:
         self.host = host
         self.port = 0
         self.tls_context = tls_context
+        if tls_context is not None:
+            # Some Pythons (Debian's) set OP_IGNORE_UNEXPECTED_EOF by default, which would record a
+            # ragged TCP close as a clean close_notify; the fake must tell them apart.
+            tls_context.options &= ~getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
         self.xclient = xclient
         self.xclient_hosts = tuple(xclient_hosts)
         self.size = size
