@@ -19,6 +19,7 @@ from typing import Any, Union
 import mariadb_harness
 import pytest
 from certs import TestPKI, make_pki
+from daemon_helpers import Reaper
 from fakeupstream import FakeUpstream
 from mariadb_harness import MariaDBUnavailable, ServerTLS, TestDatabase
 from support import RunningWilli, willi_config
@@ -154,3 +155,11 @@ def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
     report = outcome.get_result()  # type: ignore[attr-defined]
     if ci_forbids_skip(report):
         fail_instead_of_skip(collector, report)
+
+
+@pytest.fixture
+def reaper() -> Iterator[Reaper]:
+    """Daemons a test started (tests/daemon_helpers.py); the survivors are stopped at teardown."""
+    r = Reaper()
+    yield r
+    r.cleanup()

@@ -25,6 +25,7 @@ import signal
 import smtplib
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,6 +34,8 @@ from typing import NamedTuple
 from support import RawClient
 
 PR_SET_CHILD_SUBREAPER = 36
+#: `python3 willi.py` from this checkout: how the daemon tests start Willi.
+CHECKOUT_COMMAND = [sys.executable, str(Path(__file__).resolve().parents[1] / "willi.py")]
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 20.0
 

@@ -14,13 +14,12 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from daemon_helpers import (
+    CHECKOUT_COMMAND,
     Reaper,
     WilliDaemon,
     alive,
@@ -34,16 +33,8 @@ from daemon_helpers import (
 from support import RawClient
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECKOUT_COMMAND = [sys.executable, str(ROOT / "willi.py")]
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def reaper() -> Iterator[Reaper]:
-    r = Reaper()
-    yield r
-    r.cleanup()
 
 
 @pytest.fixture(params=[1, 2], ids=["workers1", "workers2"])

@@ -112,13 +112,6 @@ def willi_config(directory: Path, port: int, db: TestDatabase) -> str:
 
 
 @pytest.fixture
-def reaper() -> Iterator[Reaper]:
-    r = Reaper()
-    yield r
-    r.cleanup()
-
-
-@pytest.fixture
 def fleet(tmp_path: Path, system_mariadb: TestDatabase, fake_upstream: Callable[..., FakeUpstream],
           reaper: Reaper) -> Iterator[Fleet]:
     require_haproxy()

@@ -106,13 +106,6 @@ def user_exists(name: str) -> bool:
     return True
 
 
-@pytest.fixture
-def reaper() -> Iterator[Reaper]:
-    r = Reaper()
-    yield r
-    r.cleanup()
-
-
 def build_release(dist: Path) -> Path:
     if shutil.which("make"):
         command = ["make", "-C", str(ROOT), "release", f"DIST={dist}", f"PYTHON={sys.executable}"]

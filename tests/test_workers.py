@@ -15,14 +15,13 @@ import os
 import re
 import signal
 import socket
-import sys
 import time
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 from daemon_helpers import (
+    CHECKOUT_COMMAND,
     ForegroundWilli,
     Reaper,
     WilliDaemon,
@@ -41,16 +40,8 @@ from support import RawClient
 from willi.config import parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECKOUT_COMMAND = [sys.executable, str(ROOT / "willi.py")]
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def reaper() -> Iterator[Reaper]:
-    r = Reaper()
-    yield r
-    r.cleanup()
 
 
 @pytest.fixture
