@@ -8,6 +8,7 @@ line length or the way the client's bytes are split into packets.
 
 from __future__ import annotations
 
+import itertools
 import re
 from contextlib import nullcontext
 from unittest import mock
@@ -497,7 +498,7 @@ def run_framer(data: bytes, cuts: list[int] | None = None) -> tuple[DataFramer, 
     out = []
     rest: bytes | None = None
     max_pending = 0
-    for start, end in zip(bounds, bounds[1:]):
+    for start, end in itertools.pairwise(bounds):
         chunk = data[start:end]
         was_done = framer.done
         produced, after = framer.feed(chunk)

@@ -11,6 +11,7 @@ never raise anything but ProxyHeaderError, and a CRC catches corruption.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 
 import pytest
 from hypothesis import given, settings
@@ -65,7 +66,7 @@ def filled_in(header: bytes, tlvs: list[tuple[int, bytes]]) -> tuple[tuple[int, 
     offsets = header_tlv_offsets(header)
     return tuple(
         (kind, header[offset + 3 : offset + 7] if kind == TYPE_CRC32C else value)
-        for (kind, value), offset in zip(tlvs, offsets)
+        for (kind, value), offset in zip(tlvs, offsets, strict=True)
     )
 
 
@@ -519,7 +520,7 @@ def test_reads_split_anywhere(built: Built, tail: bytes, data: st.DataObject) ->
     stream = header + tail
     cuts = sorted(data.draw(st.sets(st.integers(1, len(stream) - 1), max_size=8)) if len(stream) > 1 else set())
     buffer = b""
-    for start, end in zip([0, *cuts], [*cuts, len(stream)]):
+    for start, end in itertools.pairwise([0, *cuts, len(stream)]):
         buffer += stream[start:end]
         result = parse_proxy_header(buffer)
         assert result == (expected if len(buffer) >= len(header) else None)

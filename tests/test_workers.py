@@ -11,6 +11,7 @@ each worker separately.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import signal
@@ -199,7 +200,7 @@ def test_a_worker_that_keeps_dying_is_respawned_with_back_off(start_willi, fake_
     assert 2 <= len(failures) <= 4, failures
     assert all("routes.csv" in line for line in failures)
     ended = [line for line in log if "ended with status 1" in line]
-    for line, following in zip(ended, ended[1:]):
+    for line, following in itertools.pairwise(ended):
         delay = re.search(r"replacing it in ([0-9]+)s", line)
         if delay:  # the next attempt came no earlier than the announced back-off
             assert log_time(following) - log_time(line) >= int(delay.group(1)) - 0.1, (line, following)
@@ -439,7 +440,7 @@ def test_a_killed_workers_slots_are_freed(start_willi, fake_upstream) -> None:
     held = fill(w, a, b)
     try:
         os.kill(a, signal.SIGKILL)  # it held three: two of 127.0.0.1, one of 127.0.0.2
-        for client, pid in zip(held, [a, b, a, b, a]):
+        for client, pid in zip(held, [a, b, a, b, a], strict=True):
             if pid == a:
                 assert client.closed()
         replacement = next(pid for pid in w.wait_workers(without=[a]) if pid != b)

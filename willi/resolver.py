@@ -13,9 +13,8 @@ import dataclasses
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable
 
 from willi.address import KEY_KINDS, labeled_keys, lookup_keys
 from willi.config import Config

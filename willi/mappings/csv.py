@@ -12,8 +12,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from willi.address import PatternError, pattern_key
 from willi.mappings.base import MappingError

@@ -156,7 +156,7 @@ class _BoundedTCPSocket(MySQLTCPSocket):
                 raise TimeoutError("no time left")
             sock.settimeout(min(remaining, self._connection_timeout or remaining))
             sock.connect(sockaddr)
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             sock.close()
             raise dberrors.ConnectionTimeoutError(
                 errno=2003, msg=f"Can't connect to MySQL server on '{self.server_host}:{self.server_port}' "
