@@ -28,7 +28,7 @@ cp setup.py "$WORK/src/"
 [ -f README.md ] && cp README.md "$WORK/src/"
 tar -cf - --exclude=__pycache__ --exclude='*.pyc' willi | tar -xf - -C "$WORK/src"
 # With the metrics extra: install.sh installs willi[metrics], offline.
-"$PYTHON" -m pip wheel --quiet --disable-pip-version-check --wheel-dir "$STAGE/wheels" "$WORK/src[metrics]"
+"$PYTHON" -m pip wheel --quiet --disable-pip-version-check --use-pep517 --wheel-dir "$STAGE/wheels" "$WORK/src[metrics]"
 ls "$STAGE"/wheels/prometheus_client-*.whl >/dev/null 2>&1 \
     || { echo "release: no prometheus_client wheel for willi[metrics]" >&2; exit 1; }
 

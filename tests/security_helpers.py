@@ -81,3 +81,10 @@ def cpu_seconds(pid: int) -> float:
 
 def thread_count(name: str) -> int:
     return sum(1 for t in threading.enumerate() if t.name == name and t.is_alive())
+
+
+def dns_threads() -> int:
+    """Live lookup threads of the process's DNS pool (other pools' threads, e.g. of other tests, not counted)."""
+    import willi.dns
+
+    return sum(t.is_alive() for t in willi.dns.DNS._workers)

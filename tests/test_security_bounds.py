@@ -18,6 +18,7 @@ allocates nothing big.
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import threading
@@ -31,6 +32,7 @@ from proxy_helpers import static_mapping
 from security_helpers import open_transaction, start, transaction_lines
 from support import RawClient
 
+import willi
 import willi.session
 from willi.relay import REFUSED_SHOWN
 
@@ -44,9 +46,14 @@ def traced() -> Iterator[None]:
     tracemalloc.stop()
 
 
+#: The package's own directory: "*/willi/*" would also match a checkout that happens to be called willi.
+PACKAGE_FILES = os.path.join(os.path.dirname(os.path.abspath(willi.__file__)), "*")
+
+
 def willi_bytes(snapshot: tracemalloc.Snapshot) -> int:
-    """Bytes currently allocated by code under willi/."""
-    return sum(s.size for s in snapshot.filter_traces([tracemalloc.Filter(True, "*/willi/*")]).statistics("filename"))
+    """Bytes currently allocated by code of the willi package."""
+    traces = snapshot.filter_traces([tracemalloc.Filter(True, PACKAGE_FILES)])
+    return sum(s.size for s in traces.statistics("filename"))
 
 
 def flood_rcpts(client: RawClient, count: int, *, batch: int = 500, domain: str = "example.com",

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from fakeupstream import FakeUpstream
 from proxy_helpers import static_mapping
-from security_helpers import open_transaction, start, thread_count
+from security_helpers import dns_threads, open_transaction, start
 from support import RawClient, RunningWilli
 
 import willi.dns
@@ -241,7 +241,7 @@ def test_fifty_hanging_reverse_lookups_use_at_most_the_pool(xclient_proxy, rever
 
     def sample() -> None:
         while not done.is_set():
-            peak[0] = max(peak[0], thread_count("willi-dns"))
+            peak[0] = max(peak[0], dns_threads())
             time.sleep(0.05)
 
     def client(i: int) -> None:
