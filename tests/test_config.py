@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import socket
 from pathlib import Path
@@ -296,10 +297,11 @@ def test_minimal_config_gets_the_defaults(tmp_path: Path) -> None:
     config = parse_config(STATIC, str(tmp_path / "w.toml"), base=tmp_path)
     assert config.mappings == (StaticMappingConfig(Route.single("mx.example.com", 25, True)),)
     for field in dataclasses.fields(Config):
-        if field.name in ("path", "mappings", "domain"):
+        if field.name in ("path", "mappings", "domain", "workers"):
             continue
         assert getattr(config, field.name) == field.default, field.name
     assert config.domain == socket.getfqdn()
+    assert config.workers == len(os.sched_getaffinity(0))  # "auto"
 
 
 def test_full_config(tmp_path: Path) -> None:
@@ -386,9 +388,10 @@ def test_example_config_shows_the_defaults() -> None:
     """The example says 'every key is shown with its default value': the active lines must agree."""
     config = load_config(EXAMPLE)
     for field in dataclasses.fields(Config):
-        if field.name in ("path", "mappings", "domain"):
+        if field.name in ("path", "mappings", "domain", "workers"):
             continue
         assert getattr(config, field.name) == field.default, f"{field.name} in willi.toml.example is not the default"
+    assert config.workers == Config.__dataclass_fields__["workers"].default_factory()  # "auto"
 
 
 def _mentioned(text: str, key: str) -> bool:

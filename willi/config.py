@@ -138,7 +138,7 @@ class Config:
     stress_read_timeout: float = 10.0
     min_data_rate: int = 500
     max_junk_commands: int = 100
-    workers: int = 1
+    workers: int = field(default_factory=lambda: usable_cpus())  # "auto"
     listen_backlog: int = 4096
     proxy_protocol_hosts: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     proxy_protocol_timeout: float = 5.0
@@ -446,14 +446,19 @@ def _parse_xclient(r: _Reader) -> str | None:
     return value
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity: taskset, a cgroup cpuset): what workers = "auto" means."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 def _parse_workers(r: _Reader) -> int:
     """`workers = N` or "auto" (one per CPU this process may run on)."""
-    value = r.take("workers", (int, str), 1)
+    value = r.take("workers", (int, str), "auto")
     if value == "auto":
-        try:
-            return max(1, len(os.sched_getaffinity(0)))
-        except (AttributeError, OSError):
-            return max(1, os.cpu_count() or 1)
+        return usable_cpus()
     if isinstance(value, str) or value <= 0:
         raise r.fail("workers", f"must be a positive number or \"auto\", not {value!r}")
     return value
