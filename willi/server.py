@@ -368,16 +368,20 @@ class WilliService:
     def addresses(self) -> list[tuple[str, int]]:
         return [srv.server_address[:2] for srv in self.servers]
 
-    def start(self) -> WilliService:
-        """Bind (if not yet) and accept in a background thread."""
+    def start(self, *, announce: bool = True) -> WilliService:
+        """Bind (if not yet) and accept in a background thread; `announce` logs the addresses."""
         if not self.servers:
             self.bind()
         threading.stack_size(THREAD_STACK)
         self.acceptor = Acceptor(self.servers)
         self.acceptor.start()
+        if announce:
+            self.announce()
+        return self
+
+    def announce(self) -> None:
         for srv in self.servers:
             log.info("listening on %s", format_endpoint(*srv.server_address[:2]))
-        return self
 
     # ---------------------------------------------------------- sessions
 

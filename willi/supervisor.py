@@ -214,7 +214,7 @@ def worker_main(index: int, service: WilliService, control: Connection, config: 
         metrics.enable()
     try:
         service.install(Runtime.load(config))
-        service.start()
+        service.start(announce=False)  # the parent says where it listens, once
     except LOAD_ERRORS as exc:
         control.send(("error", str(exc)))
         return 1
@@ -316,6 +316,7 @@ class Supervisor:
         if errors:
             self.kill_all()
             raise RuntimeError(errors[0])
+        self.service.announce()
         log.info("%d worker processes serving: %s", len(self.workers),
                  ", ".join(str(w.pid) for w in self.workers.values()))
 
