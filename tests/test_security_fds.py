@@ -43,7 +43,7 @@ class StarvedWilli:
         self.port = free_port()
         self.config = directory / "willi.toml"
         self.config.write_text(
-            f'listen = "127.0.0.1:{self.port}"\ndomain = "mx.willi.test"\nclient_name_lookup = false\n'
+            f'listen = "127.0.0.1:{self.port}"\ndomain = "mx.willi.test"\nclient_name_lookup = false\nworkers = 1\n'
             'read_timeout = "60s"\nmax_connections = 1000\nmax_connections_per_ip = 1000\n'
             f'[[mappings]]\ntype = "static"\nserver = "127.0.0.1:{upstream_port}"\ntls_verify = false\n')
         self.logfile = directory / "stderr.log"
