@@ -18,6 +18,7 @@ marked the dead Willi down by its health check) must deliver all of them.
 from __future__ import annotations
 
 import collections
+import os
 import re
 import signal
 import subprocess
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from daemon_helpers import Reaper, WilliDaemon, alive, free_port, wait_until
+from daemon_helpers import Reaper, WilliDaemon, alive, children, free_port, wait_until
 from fakeupstream import FakeUpstream, RecordedSession
 from haproxy_harness import EXAMPLE, HAPROXY, HAProxy, example_servers, render_config, require_haproxy, sections
 from mariadb_harness import TestDatabase
@@ -286,7 +287,9 @@ def test_killing_one_willi_under_load_loses_nothing(fleet: Fleet) -> None:
     wait_until(lambda: len(outcomes) >= KILL_AFTER, 120, f"{KILL_AFTER} messages before the kill")
     victim = fleet.willis[0]
     assert victim.pid is not None and alive(victim.pid)
-    victim.signal(signal.SIGKILL)
+    # The whole instance dies at once: its workers (workers = "auto") first, so the parent cannot replace them.
+    for pid in [*children(victim.pid), victim.pid]:
+        os.kill(pid, signal.SIGKILL)
     down_after = fleet.haproxy.wait_states({"willi1": "DOWN", "willi2": "UP"}, 30)
     for thread in threads:
         thread.join(300)
