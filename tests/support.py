@@ -45,6 +45,17 @@ class RunningWilli:
         self.service.stop(timeout=2.0)
 
 
+def printable_id(value: object) -> str:
+    """A parametrize id in printable ASCII (CR, LF, NUL, TAB and non-ASCII named).
+
+    Ids holding backslash escapes are not found again when passed back on a
+    command line, which is how mutmut runs the tests that cover a mutant.
+    """
+    text = value.decode("latin-1") if isinstance(value, bytes) else str(value)
+    names = {"\r": "CR", "\n": "LF", "\x00": "NUL", "\t": "TAB"}
+    return "".join(names.get(ch) or (ch if " " <= ch <= "~" else f"U+{ord(ch):04X}") for ch in text)
+
+
 def willi_config(*, upstream_port: int | None = None, mappings: str | None = None, extra: str = "",
                  directory: Path | None = None) -> Config:
     """A test configuration: loopback port 0 and, by default, a static route to `upstream_port`."""

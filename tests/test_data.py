@@ -15,6 +15,7 @@ import tracemalloc
 
 import pytest
 from proxy_helpers import BODY, make_config, static_mapping, transaction, wait_sessions_closed
+from support import printable_id
 
 SMUGGLED = b"MAIL FROM:<evil@x>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\nsmuggled text"
 SEQUENCES = [b"\n.\n", b"\n.\r\n", b"\r\n.\n", b"\r.\r", b"\r\n.\r", b"\r\n\x00.\r\n"]
@@ -34,7 +35,7 @@ def assert_clean_wire(session) -> None:
 
 
 @pytest.mark.parametrize("policy", ["normalize", "reject"])
-@pytest.mark.parametrize("sequence", SEQUENCES, ids=[repr(s)[2:-1] for s in SEQUENCES])
+@pytest.mark.parametrize("sequence", SEQUENCES, ids=[printable_id(s) for s in SEQUENCES])
 def test_smuggling_sequences_never_end_the_data(willi, fake_upstream, tmp_path, sequence, policy) -> None:
     upstream = fake_upstream()
     w = willi(config=make_config(tmp_path, [static_mapping(upstream.port)], bare_newline=policy))

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from certs import TestPKI
 from fakeupstream import FakeUpstream
-from support import RawClient, RunningWilli, willi_config
+from support import RawClient, RunningWilli, printable_id, willi_config
 
 from willi.session import SmtpSession
 from willi.upstream.client import UpstreamConnection
@@ -341,7 +341,7 @@ AFTER_RCPT = [*AFTER_MAIL, (f"RCPT TO:<{BOB}>", 250)]
         (AFTER_MAIL, f"RCPT TO:<{BOB}> NOTIFY=NEVER", 555, "5.5.4"),
         (AFTER_MAIL, f"RCPT TO:<{BOB}> FOO", 555, "5.5.4"),
     ],
-    ids=lambda v: v if isinstance(v, str) else None,
+    ids=lambda v: printable_id(v) if isinstance(v, str) else None,
 )
 def test_syntax_errors(proxy, script: list[tuple[str, int]], command: str, code: int, status: str) -> None:
     p = proxy()

@@ -23,7 +23,7 @@ import pytest
 from fakeupstream import FakeUpstream, RecordedSession, without
 from proxy_helpers import static_mapping
 from security_helpers import open_transaction, start, transaction_lines
-from support import RawClient, RunningWilli
+from support import RawClient, RunningWilli, printable_id
 
 MARGIN = 2.5
 Factory = Callable[..., FakeUpstream]
@@ -91,7 +91,7 @@ def interjected_transaction(client: RawClient, upstream: FakeUpstream, recipient
     return client.reply()
 
 
-@pytest.mark.parametrize("interjection", INTERJECTIONS, ids=repr)
+@pytest.mark.parametrize("interjection", INTERJECTIONS, ids=printable_id)
 @pytest.mark.parametrize("after", [1, 2000])
 def test_an_early_reply_during_data_is_451_without_the_dot(fake_upstream: Factory, pooled, interjection: str | bytes,
                                                            after: int) -> None:
