@@ -466,6 +466,36 @@ def test_xclient_commands_single_oversized_attribute() -> None:
     assert "ADDR=192.0.2.1" in items and "PROTO=ESMTP" in items
 
 
+@pytest.mark.parametrize("char", ["h", "\u00e9", "\u20ac", "\U0001f600", "\udcff", "+"],
+                         ids=["ascii", "2-octet", "3-octet", "4-octet", "raw-octet", "plus"])
+@pytest.mark.parametrize("prefix", ["", "a", "ab", "abc"])
+def test_an_overlong_xclient_value_keeps_the_longest_prefix_that_fits(prefix: str, char: str) -> None:
+    """Only as much of the HELO is cut as 512 octets demand, whatever the width of its characters."""
+    value = prefix + char * 600
+    (command,) = xclient_commands([("HELO", value)])
+    assert len(command) + 2 <= 512
+    kept = xtext_decode(command.removeprefix("XCLIENT HELO="))
+    assert value.startswith(kept)
+    longer = "XCLIENT HELO=" + xtext_encode(value[: len(kept) + 1])
+    assert len(longer) + 2 > 512, "a character more would still have fitted"
+
+
+@PROPERTY
+@given(st.text(min_size=1, max_size=700), st.integers(min_value=40, max_value=600))
+def test_a_cut_xclient_value_is_a_maximal_prefix(value: str, limit: int) -> None:
+    (command,) = xclient_commands([("NAME", value)], limit=limit)
+    kept = xtext_decode(command.removeprefix("XCLIENT NAME="))
+    assert value.startswith(kept) and len(command) + 2 <= limit
+    if kept != value:
+        assert len("XCLIENT NAME=" + xtext_encode(value[: len(kept) + 1])) + 2 > limit
+
+
+def test_every_xclient_command_carries_an_attribute() -> None:
+    """Even an attribute whose name alone exceeds the limit never yields a bare `XCLIENT`."""
+    commands = xclient_commands([("DESTADDR", "192.0.2.1"), ("ADDR", "192.0.2.2")], limit=16)
+    assert "XCLIENT" not in commands and commands
+
+
 _ATTR_NAME = st.sampled_from(["ADDR", "NAME", "PORT", "PROTO", "HELO", "LOGIN", "DESTADDR", "DESTPORT"])
 
 
@@ -624,6 +654,31 @@ def test_framer_stuffing_examples() -> None:
     assert output == b"..\r\n...x\r\ny\r\nz.\r\n"  # re-stuffed for the upstream
     assert unstuff(output) == b".\r\n..x\r\ny\r\nz.\r\n"
     assert framer.size == len(unstuff(output)) and not framer.violation
+
+
+def test_framer_normalize_drops_exactly_the_stray_cr_and_nul() -> None:
+    """Bare CR and NUL are removed, nothing put in their place, and the rest of the line kept."""
+    framer, output, rest, _ = run_framer(b"a\rb\x00c\r\n\x00.d\r\n.\r\n")
+    assert framer.done and rest == b"" and framer.violation
+    assert output == b"abc\r\n..d\r\n"
+    assert framer.size == len(b"abc\r\n.d\r\n")
+
+
+def test_framer_a_lone_dot_ended_by_a_bare_lf_is_content_not_the_end() -> None:
+    """`.<LF>` ends nothing and loses nothing: the upstream gets the line "." (stuffed), not an empty line."""
+    framer, output, rest, _ = run_framer(b".\nx\r\n.\r\n")
+    assert framer.done and rest == b"" and framer.violation
+    assert output == b"..\r\nx\r\n"
+
+
+@pytest.mark.parametrize(("message", "wire"), [
+    (b"", b".\r\n"),
+    (b"abc", b"abc\r\n.\r\n"),
+    (b"abc\r\n", b"abc\r\n.\r\n"),
+    (b".a\r\n.b", b"..a\r\n..b\r\n.\r\n"),
+])
+def test_dot_stuff_terminates_and_stuffs(message: bytes, wire: bytes) -> None:
+    assert dot_stuff(message) == wire
 
 
 SMUGGLING = [

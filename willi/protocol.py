@@ -269,16 +269,22 @@ def xclient_commands(attributes: list[tuple[str, str]], limit: int = 512) -> lis
 
 
 def _fit(name: str, value: str, room: int) -> str:
-    """`NAME=xtext`, the value shortened by whole characters until it fits in `room`.
+    """`NAME=xtext` of the longest prefix of the value (whole characters) that fits in `room`.
 
     Cutting characters before encoding keeps the value valid UTF-8 and never
-    splits a `+XX` escape.
+    splits a `+XX` escape; only as much is cut as the limit demands.
     """
     item = f"{name}={xtext_encode(value)}"
-    while len(item) > room and value:
-        value = value[: -max(1, (len(item) - room) // 9)]  # at most 9 octets (+XX*3) per character
-        item = f"{name}={xtext_encode(value)}"
-    return item
+    if len(item) <= room:
+        return item
+    kept, used = [], len(name) + 1
+    for char in value:
+        encoded = xtext_encode(char)  # UTF-8 encodes each character on its own
+        if used + len(encoded) > room:
+            break
+        kept.append(encoded)
+        used += len(encoded)
+    return f"{name}={''.join(kept)}"
 
 
 def parse_ehlo(reply: Reply) -> dict[str, str]:
