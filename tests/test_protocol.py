@@ -31,6 +31,8 @@ from willi.protocol import (
     parse_path,
     parse_reply_line,
     split_command,
+    validate_domain,
+    validate_mailbox,
     xclient_commands,
     xtext_decode,
     xtext_encode,
@@ -56,6 +58,8 @@ TERMINATOR = b"\r\n.\r\n"
         (b"\r\n", ("", "")),
         (b"DATA\n", ("DATA", "")),
         (b"MAIL FROM:<\xff@b.example>\r\n", ("MAIL", "FROM:<\udcff@b.example>")),
+        (b"EHLO X\r\n", ("EHLO", "X")),  # only CR and LF end the line
+        (b"HELO a\t\r\n", ("HELO", "a\t")),
     ],
 )
 def test_split_command(line: bytes, expected: tuple[str, str]) -> None:
@@ -92,6 +96,9 @@ VALID_PATHS = [
                  id="space-after-colon+params"),
     pytest.param("TO:<a@example.com>  ORCPT=rfc822;a@example.com ", "TO", False,
                  ("a@example.com", "ORCPT=rfc822;a@example.com"), id="params-stripped"),
+    pytest.param("FROM:<a@b.example> ENVID=QQX", "FROM", False, ("a@b.example", "ENVID=QQX"), id="param-ends-in-x"),
+    pytest.param("TO:<Postmaster> NOTIFY=NEVERX", "TO", False, ("Postmaster", "NOTIFY=NEVERX"),
+                 id="postmaster-param-ends-in-x"),
     pytest.param("TO:<@relay.example:user@example.com>", "TO", False, ("user@example.com", ""), id="source-route"),
     pytest.param("TO:<@a.example,@b.example:user@example.com>", "TO", False, ("user@example.com", ""),
                  id="source-route-2-hops"),
@@ -235,6 +242,7 @@ def test_parse_params(text: str, expected: dict[str, str | None]) -> None:
         pytest.param("SI_ZE=1", id="underscore"),
         pytest.param("SIZE=ä", id="non-ascii-value"),
         pytest.param("SIZE=1\x00", id="nul"),
+        pytest.param("SIZE=10\tBODY=8BITMIME", id="tab-between"),  # RFC 5321: parameters are separated by SP
     ],
 )
 def test_parse_params_malformed(text: str) -> None:
@@ -256,6 +264,32 @@ def test_format_params(params: dict[str, str | None], expected: str) -> None:
     assert parse_params(format_params(params)) == params
 
 
+_LABEL = "a" * 63
+
+
+@pytest.mark.parametrize(("domain", "utf8", "valid"), [
+    (".".join([_LABEL] * 4), False, True),  # 255 octets: the longest domain
+    (".".join([_LABEL] * 4) + "a", False, False),
+    ("ex\u00e4mple.com", False, False),
+    ("ex\u00e4mple.com", True, True),
+    ("[192.0.2.1]", False, True),
+    ("[192.0.2.1", False, False),
+    ("", True, False),
+])
+def test_validate_domain(domain: str, utf8: bool, valid: bool) -> None:
+    if valid:
+        validate_domain(domain, utf8=utf8)
+    else:
+        with pytest.raises(AddressError):
+            validate_domain(domain, utf8=utf8)
+
+
+@pytest.mark.parametrize("octet", ["\udc80", "\udcbf", "\udcff"], ids=["0x80", "0xbf", "0xff"])
+def test_a_mailbox_with_a_raw_octet_is_refused_even_with_smtputf8(octet: str) -> None:
+    with pytest.raises(AddressError):
+        validate_mailbox(f"a{octet}@b.example", utf8=True)
+
+
 # ---------------------------------------------------------------- replies
 
 
@@ -273,6 +307,8 @@ def test_format_params(params: dict[str, str | None], expected: str) -> None:
         (b"250 a\rb\x00c\r\n", (250, True, "abc")),
         (b"250 caf\xc3\xa9\r\n", (250, True, "café")),
         (b"250 \xff\r\n", (250, True, "\udcff")),
+        (b"250 2.0.0 Ok: queued as 4XX\r\n", (250, True, "2.0.0 Ok: queued as 4XX")),  # only CR and LF end it
+        (b"250 ok \t \r\n", (250, True, "ok \t ")),  # trailing blanks are the upstream's text
     ],
 )
 def test_parse_reply_line(line: bytes, expected: tuple[int, bool, str]) -> None:
