@@ -99,6 +99,10 @@ VALID_PATHS = [
     pytest.param("FROM:<a@b.example> ENVID=QQX", "FROM", False, ("a@b.example", "ENVID=QQX"), id="param-ends-in-x"),
     pytest.param("TO:<Postmaster> NOTIFY=NEVERX", "TO", False, ("Postmaster", "NOTIFY=NEVERX"),
                  id="postmaster-param-ends-in-x"),
+    pytest.param("TO:<a@example.com> NOTIFY=NEVER\t", "TO", False, ("a@example.com", "NOTIFY=NEVER\t"),
+                 id="trailing-tab-kept-for-501"),  # only SP separates; parse_params then refuses the TAB
+    pytest.param("TO:<Postmaster> NOTIFY=NEVER\t", "TO", False, ("Postmaster", "NOTIFY=NEVER\t"),
+                 id="postmaster-trailing-tab-kept-for-501"),
     pytest.param("TO:<@relay.example:user@example.com>", "TO", False, ("user@example.com", ""), id="source-route"),
     pytest.param("TO:<@a.example,@b.example:user@example.com>", "TO", False, ("user@example.com", ""),
                  id="source-route-2-hops"),
@@ -339,6 +343,20 @@ def test_parse_reply_line_malformed(line: bytes) -> None:
 )
 def test_reply_encode(reply: Reply, wire: bytes) -> None:
     assert reply.encode() == wire
+
+
+def test_a_reply_without_text_is_the_bare_code() -> None:
+    assert Reply.of(250).encode() == b"250\r\n"
+    assert Reply.of(250).lines == ("",)
+
+
+@pytest.mark.parametrize(("text", "wire"), [
+    ("ok ", b"250 ok \r\n"),           # the upstream's trailing blank stays
+    ("\udcff", b"250 \xff\r\n"),       # a raw octet from the upstream goes back as that octet
+    ("caf\u00e9", b"250 caf\xc3\xa9\r\n"),
+])
+def test_a_relayed_reply_line_is_encoded_verbatim(text: str, wire: bytes) -> None:
+    assert Reply.of(250, text).encode() == wire
 
 
 def test_reply_helpers() -> None:
