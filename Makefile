@@ -15,6 +15,8 @@
 #                For several hosts: for h in mx1 mx2; do make install TARGET_HOST=$h || break; done
 # make test      the whole test suite
 # make lint      ruff
+# make mutation  the mutation check (mutmut, setup.cfg; tests/MUTATION.md), a manual
+#                step of 40-60 minutes on two cores, never part of CI
 PYTHON ?= python3
 DIST ?= dist
 TARGET_HOST ?=
@@ -26,7 +28,7 @@ INSTALL_ARGS ?=
 # their values reach it unchanged whatever quotes they hold.
 export TARGET_HOST TARGET_USER SSH_PORT SSH_OPTS INSTALL_ARGS
 
-.PHONY: release install test lint clean
+.PHONY: release install test lint mutation clean
 
 release:
 	PYTHON=$(PYTHON) sh packaging/release.sh $(DIST)
@@ -46,5 +48,8 @@ test:
 lint:
 	ruff check .
 
+mutation:
+	$(PYTHON) -m mutmut run; $(PYTHON) -m mutmut results
+
 clean:
-	rm -rf dist build *.egg-info
+	rm -rf dist build *.egg-info mutants

@@ -33,6 +33,8 @@ setup(
             "ruff",
             "prometheus_client>=0.16",  # the metrics tests
         ],
+        # The manual mutation check (make mutation, tests/MUTATION.md).
+        "mutation": ["mutmut>=3.3,<4"],
     },
     entry_points={"console_scripts": ["willi = willi.cli:main"]},
     classifiers=[
