@@ -143,6 +143,8 @@ def test_parse_path_valid(arg: str, keyword: str, utf8: bool, expected: tuple[st
 SYNTAX_ERRORS = [
     pytest.param("FROM:a@example.com", "FROM", id="no-brackets"),
     pytest.param("FROM:<a@example.com", "FROM", id="no-closing-bracket"),
+    pytest.param("FROM:<", "FROM", id="lone-opening-bracket"),
+    pytest.param("FROM:<a", "FROM", id="one-character-unclosed"),
     pytest.param("FROM:  <a@example.com>", "FROM", id="two-spaces-after-colon"),
     pytest.param("FROM <a@example.com>", "FROM", id="no-colon"),
     pytest.param("FROM<a@example.com>", "FROM", id="no-colon-no-space"),
