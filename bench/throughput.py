@@ -12,9 +12,9 @@ client holds --idle connections on each Willi (RSS per connection, CPU while
 idle) and fires a burst of connections on top of them (time until all got
 their 220 greeting).
 
-    python3 bench/throughput.py                                   # this checkout, full run
-    python3 bench/throughput.py --quick                           # smoke run
-    python3 bench/throughput.py --willi before=/tmp/old --willi after=.,workers=2 --json out.json
+    .venv/bin/python bench/throughput.py                               # this checkout, full run
+    .venv/bin/python bench/throughput.py --quick                       # smoke run
+    .venv/bin/python bench/throughput.py --willi before=/tmp/old --willi after=.,workers=2 --json out.json
 """
 
 from __future__ import annotations
