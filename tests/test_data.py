@@ -272,6 +272,29 @@ def test_upstream_refusal_after_dot_reaches_client_verbatim(willi, fake_upstream
     assert final == (int(reply[:3]), [line[4:] for line in lines])
 
 
+@pytest.mark.parametrize("refusal", ["554 5.7.1 No DATA for you", "451 4.3.0 Try DATA later"])
+def test_a_refused_data_is_reset_upstream_so_the_next_transaction_goes_through(
+        willi, fake_upstream, tmp_path, refusal) -> None:
+    """An upstream that refuses DATA still holds MAIL and RCPT: Willi sends RSET before it sends the next MAIL."""
+    upstream = fake_upstream(replies={"data": refusal})
+    w = willi(config=make_config(tmp_path, [static_mapping(upstream.port)]))
+    client = w.raw()
+    try:
+        client.ehlo()
+        _, refused = transaction(client, "alice@sender.example", ["bob@example.com"])
+        assert refused is not None and refused[0] == int(refusal[:3])
+        del upstream.replies["data"]
+        replies, final = transaction(client, "alice@sender.example", ["carol@example.com"])
+        client.cmd("QUIT")
+    finally:
+        client.close()
+    assert [code for code, _ in replies] == [250, 250] and final is not None and final[0] == 250, (replies, final)
+    (session,) = upstream.sessions
+    verbs = [command.split()[0].upper() for command in session.commands]
+    assert verbs[verbs.index("DATA") + 1] == "RSET", verbs
+    assert session.refused == [], session.refused
+
+
 # ---------------------------------------------------------------- bounded memory
 
 
