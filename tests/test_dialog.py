@@ -370,6 +370,11 @@ def test_refused_mail_leaves_no_transaction(proxy) -> None:
         ("SIZE=0", 250, "2.1.0"),
         ("size=999 BODY=8BITMIME SMTPUTF8", 250, "2.1.0"),
         ("BODY=7BIT", 250, "2.1.0"),
+        ("SIZE=" + "9" * 20, 552, "5.3.4"),  # 20 digits: a number, too big
+        ("SIZE=" + "9" * 21, 501, "5.5.4"),  # more than 20 digits: not a SIZE at all
+        ("BODY", 501, "5.5.4"),
+        ("BODY=9BIT", 501, "5.5.4"),
+        ("SMTPUTF8=yes", 501, "5.5.4"),
     ],
 )
 def test_mail_size_parameter(proxy, params: str, code: int, status: str) -> None:
