@@ -295,6 +295,26 @@ def test_a_refused_data_is_reset_upstream_so_the_next_transaction_goes_through(
     assert session.refused == [], session.refused
 
 
+def test_an_upstream_lost_after_an_accepted_recipient_makes_the_data_a_4xx(willi, fake_upstream, tmp_path) -> None:
+    """The accepted recipient went down with the connection: DATA gets 451 4.4.2 and no upstream sees a message."""
+    upstream = fake_upstream()
+    w = willi(config=make_config(tmp_path, [static_mapping(upstream.port)]))
+    client = w.raw()
+    try:
+        client.ehlo()
+        assert client.cmd("MAIL FROM:<alice@sender.example>")[0] == 250
+        assert client.cmd("RCPT TO:<bob@example.com>")[0] == 250
+        upstream.drop_at = "rcpt"  # the connection breaks under the second recipient
+        lost = client.cmd("RCPT TO:<carol@example.com>")
+        data = client.cmd("DATA")
+        client.cmd("QUIT")
+    finally:
+        client.close()
+    assert lost[0] // 100 == 4, lost
+    assert data[0] == 451 and data[1][0].startswith("4.4.2"), data
+    assert all(not t.completed for s in upstream.sessions for t in s.transactions)
+
+
 # ---------------------------------------------------------------- bounded memory
 
 
