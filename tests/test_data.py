@@ -14,7 +14,7 @@ import time
 import tracemalloc
 
 import pytest
-from proxy_helpers import BODY, make_config, static_mapping, transaction, wait_sessions_closed
+from proxy_helpers import BODY, make_config, static_mapping, transaction, verbs, wait_sessions_closed
 from support import printable_id
 
 SMUGGLED = b"MAIL FROM:<evil@x>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\nsmuggled text"
@@ -290,8 +290,8 @@ def test_a_refused_data_is_reset_upstream_so_the_next_transaction_goes_through(
         client.close()
     assert [code for code, _ in replies] == [250, 250] and final is not None and final[0] == 250, (replies, final)
     (session,) = upstream.sessions
-    verbs = [command.split()[0].upper() for command in session.commands]
-    assert verbs[verbs.index("DATA") + 1] == "RSET", verbs
+    sent = verbs(session)
+    assert sent[sent.index("DATA") + 1] == "RSET", sent
     assert session.refused == [], session.refused
 
 
