@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from daemon_helpers import alive, free_port, wait_until
+from daemon_helpers import alive, free_port, stopped, wait_until
 from fakeupstream import FakeUpstream
 from prometheus_client.parser import text_string_to_metric_families
 from support import RawClient
@@ -341,19 +341,30 @@ def owner(w: WilliProcess, client: RawClient, workers: list[int]) -> int | None:
     return None
 
 
-def connections_on_both(w: WilliProcess, workers: list[int], at_least: int = 2,
-                        limit: int = 60) -> dict[int, list[RawClient]]:
-    """Greeted connections, opened until each worker holds at least `at_least` (bounded by `limit`)."""
-    held: dict[int, list[RawClient]] = {pid: [] for pid in workers}
-    for _ in range(limit):
+def connect_on(w: WilliProcess, worker: int, workers: list[int]) -> RawClient:
+    """A greeted connection accepted by `worker`: the other workers are stopped while it connects.
+
+    Left to the kernel, one worker can win every accept in a row, and the
+    per-address limit ends the test before the other worker gets any.
+    """
+    others = [pid for pid in workers if pid != worker]
+    for pid in others:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: all(stopped(pid) for pid in others), 5, "the other workers to stop")
         client = w.client()
         client.expect(220)
-        pid = owner(w, client, workers)
-        assert pid is not None, "no worker holds the connection"
-        held[pid].append(client)
-        if all(len(clients) >= at_least for clients in held.values()):
-            return held
-    raise AssertionError(f"{limit} connections did not reach both workers: {[len(c) for c in held.values()]}")
+    finally:
+        for pid in others:
+            os.kill(pid, signal.SIGCONT)
+    held = owner(w, client, workers)
+    assert held == worker, f"the connection landed on {held}, not {worker}"
+    return client
+
+
+def connections_on_both(w: WilliProcess, workers: list[int], each: int = 2) -> dict[int, list[RawClient]]:
+    """`each` greeted connections on every worker."""
+    return {pid: [connect_on(w, pid, workers) for _ in range(each)] for pid in workers}
 
 
 def test_counts_add_up_across_workers(start_willi) -> None:
