@@ -324,11 +324,48 @@ def test_parse_reply_line(line: bytes, expected: tuple[int, bool, str]) -> None:
 @pytest.mark.parametrize(
     "line",
     [b"", b"\r\n", b"25 OK\r\n", b"2500 OK\r\n", b"250OK\r\n", b"abc OK\r\n", b"150 OK\r\n",
-     b"650 OK\r\n", b"250_OK\r\n", b" 250 OK\r\n", b"25\r\n"],
+     b"650 OK\r\n", b"250_OK\r\n", b" 250 OK\r\n", b"25\r\n", b"2 0 OK\r\n", b"250\tOK\r\n",
+     b"\xd9\xa250 OK\r\n", b"250\x00OK\r\n"],
 )
 def test_parse_reply_line_malformed(line: bytes) -> None:
     with pytest.raises(ValueError):
         parse_reply_line(line)
+
+
+_REPLY_LINE_REFERENCE = re.compile(rb"^([2-5][0-9][0-9])([ -])(.*)$", re.S)
+
+
+def reference_reply_line(line: bytes) -> tuple[int, bool, str] | None:
+    """The reply-line grammar as one regular expression: the oracle for the hand-written parser."""
+    raw = line.rstrip(b"\r\n")
+    if len(raw) == 3 and raw.isdigit() and raw[:1] in b"2345":
+        return int(raw), True, ""
+    m = _REPLY_LINE_REFERENCE.match(raw)
+    if not m:
+        return None
+    text = m.group(3).replace(b"\r", b"").replace(b"\n", b"").replace(b"\x00", b"")
+    return int(m.group(1)), m.group(2) == b" ", text.decode("utf-8", "surrogateescape")
+
+
+_REPLY_ISH = st.one_of(
+    st.binary(max_size=12),
+    st.builds(lambda head, rest: head + rest,
+              st.sampled_from([b"250", b"550", b"199", b"600", b"2 0", b"25", b"2500", b"\xd9\xa20", b"421"]),
+              st.binary(max_size=10)),
+    st.builds(lambda code, sep, text: code + sep + text + b"\r\n",
+              st.sampled_from([b"220", b"354", b"452"]), st.sampled_from([b" ", b"-", b"\t", b"_", b""]),
+              st.binary(max_size=10)),
+)
+
+
+@PROPERTY
+@given(line=_REPLY_ISH)
+def test_parse_reply_line_matches_the_grammar(line: bytes) -> None:
+    try:
+        got: tuple[int, bool, str] | None = parse_reply_line(line)
+    except ValueError:
+        got = None
+    assert got == reference_reply_line(line)
 
 
 @pytest.mark.parametrize(

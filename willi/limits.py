@@ -28,12 +28,15 @@ import socket
 import struct
 import tempfile
 import threading
+import time
 
 _HEADER = struct.Struct("=II")  # total, used keys (live + stale) in this region
 _ENTRY = struct.Struct("=16sI")  # address (IPv6 or IPv4-mapped), count
 _EMPTY = bytes(16)
 _MAPPED = b"\x00" * 10 + b"\xff\xff"
 STRESS_FRACTION = 0.8
+#: How stale the stress flag may be about the other workers' counts (this process's changes clear it at once).
+STRESS_RECHECK = 0.1
 
 
 def _capacity_for(max_connections: int) -> int:
@@ -92,6 +95,8 @@ class SharedLimits:
         self.lock_fd = os.dup(lock_file.fileno())
         lock_file.close()
         self._shared = regions > 1
+        self._stress_until = 0.0  # the cached stress flag holds until then (monotonic time)
+        self._stress = False
 
     def own(self, index: int) -> None:
         """In a worker: write region `index` from now on."""
@@ -100,6 +105,7 @@ class SharedLimits:
     def configure(self, max_connections: int, max_per_ip: int) -> None:
         """The limits in force (a reload may change them; the table size stays)."""
         self.max_connections, self.max_per_ip = max_connections, max_per_ip
+        self._stress_until = 0.0
 
     # ------------------------------------------------------------ locking
 
@@ -113,6 +119,7 @@ class SharedLimits:
                 raise
 
     def _unlock(self) -> None:
+        self._stress_until = 0.0  # whatever changed under the lock, the stress flag is looked at again
         if self._shared:
             fcntl.lockf(self.lock_fd, fcntl.LOCK_UN)
         self._thread_lock.release()
@@ -123,11 +130,15 @@ class SharedLimits:
         digest = hashlib.blake2b(key, digest_size=8, key=self._secret).digest()
         return int.from_bytes(digest, "little") & (self.capacity - 1)
 
-    def _find(self, region: int, key: bytes) -> tuple[int, int]:
-        """(offset of the entry for key or of the empty entry where it would go, its count)."""
+    def _find(self, region: int, key: bytes, slot: int | None = None) -> tuple[int, int]:
+        """(offset of the entry for key or of the empty entry where it would go, its count).
+
+        `slot`: `_slot(key)` when the caller has it already (one keyed hash per key, not per region).
+        """
         base = region * self.region_size + _HEADER.size
         mem, mask = self.memory, self.capacity - 1
-        slot = self._slot(key)
+        if slot is None:
+            slot = self._slot(key)
         for _ in range(self.capacity):
             offset = base + slot * _ENTRY.size
             stored, count = _ENTRY.unpack_from(mem, offset)
@@ -144,8 +155,9 @@ class SharedLimits:
 
     def _count(self, key: bytes) -> int:
         total = 0
+        slot = self._slot(key)
         for region in range(self.regions):
-            _, count = self._find(region, key)
+            _, count = self._find(region, key, slot)
             total += max(count, 0)
         return total
 
@@ -232,8 +244,17 @@ class SharedLimits:
             self._unlock()
 
     def stressed(self) -> bool:
-        """Near the global limit: deadlines shrink, as Postfix's stress mode (read without the lock)."""
-        return self._total() >= STRESS_FRACTION * self.max_connections
+        """Near the global limit: deadlines shrink, as Postfix's stress mode (read without the lock).
+
+        Asked before every command and every write, so the answer is kept
+        for STRESS_RECHECK seconds; a slot taken or given back in this
+        process makes the next question look again.
+        """
+        now = time.monotonic()
+        if now >= self._stress_until:
+            self._stress = self._total() >= STRESS_FRACTION * self.max_connections
+            self._stress_until = now + STRESS_RECHECK
+        return self._stress
 
     def total(self) -> int:
         return self._total()

@@ -8,23 +8,26 @@ Nothing here touches a socket, so each piece is tested in isolation
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 CRLF = b"\r\n"
 
 # ---------------------------------------------------------------- replies
 
 
-@dataclass(frozen=True)
-class Reply:
-    """An SMTP reply: one code, one or more text lines (enhanced code included)."""
+class Reply(NamedTuple):
+    """An SMTP reply: one code, one or more text lines (enhanced code included).
+
+    A named tuple rather than a frozen dataclass: a session makes a dozen of
+    these per message, and a tuple is built without a __setattr__ per field.
+    """
 
     code: int
     lines: tuple[str, ...]
 
     @classmethod
     def of(cls, code: int, *lines: str) -> Reply:
-        return cls(code, tuple(lines) or ("",))
+        return cls(code, lines or ("",))
 
     @property
     def text(self) -> str:
@@ -36,10 +39,15 @@ class Reply:
         return 200 <= self.code < 400
 
     def encode(self) -> bytes:
-        """Wire form: `code-line` for all but the last line, `code line` last."""
+        """Wire form: `code-line` for all but the last line, `code line` last (an empty last line: the bare code)."""
+        lines = self.lines
+        if len(lines) == 1:  # nearly every reply
+            line = lines[0]
+            text = f"{self.code} {line}\r\n" if line else f"{self.code}\r\n"
+            return text.encode("utf-8", "surrogateescape")
         out = []
-        last = len(self.lines) - 1
-        for i, line in enumerate(self.lines):
+        last = len(lines) - 1
+        for i, line in enumerate(lines):
             sep = " " if i == last else "-"
             out.append(f"{self.code}{sep}{line}".rstrip(" ") if not line else f"{self.code}{sep}{line}")
         return ("\r\n".join(out) + "\r\n").encode("utf-8", "surrogateescape")
@@ -48,24 +56,31 @@ class Reply:
         return f"{self.code} {self.text}"
 
 
-_REPLY_LINE = re.compile(rb"^([2-5][0-9][0-9])([ -])(.*)$", re.S)
+_REPLY_FIRST = frozenset(b"2345")
+_REPLY_SEPARATORS = {32: True, 45: False}  # b" ": the last line, b"-": more follow
 
 
 def parse_reply_line(line: bytes) -> tuple[int, bool, str]:
     """Split one reply line into (code, is_last, text); ValueError if malformed.
 
-    A bare code without text ("250") is accepted as a last line, as RFC 5321
-    4.2 allows. Stray CR or LF inside the text are removed so that relaying
-    the reply can never split it into two.
+    The line is `[2-5]DD` then " " (last) or "-" (more follow) and the
+    text. A bare code without text ("250") is accepted as a last line, as
+    RFC 5321 4.2 allows. Stray CR, LF or NUL inside the text are removed so
+    that relaying the reply can never split it into two.
     """
     raw = line.rstrip(b"\r\n")
-    if len(raw) == 3 and raw.isdigit() and raw[:1] in b"2345":
-        return int(raw), True, ""
-    m = _REPLY_LINE.match(raw)
-    if not m:
+    head = raw[:3]
+    if len(head) != 3 or not head.isdigit() or head[0] not in _REPLY_FIRST:
         raise ValueError(f"malformed reply line: {raw[:80]!r}")
-    text = m.group(3).replace(b"\r", b"").replace(b"\n", b"").replace(b"\x00", b"")
-    return int(m.group(1)), m.group(2) == b" ", text.decode("utf-8", "surrogateescape")
+    if len(raw) == 3:
+        return int(head), True, ""
+    last = _REPLY_SEPARATORS.get(raw[3])
+    if last is None:
+        raise ValueError(f"malformed reply line: {raw[:80]!r}")
+    text = raw[4:]
+    if b"\r" in text or b"\n" in text or b"\x00" in text:
+        text = text.replace(b"\r", b"").replace(b"\n", b"").replace(b"\x00", b"")
+    return int(head), last, text.decode("utf-8", "surrogateescape")
 
 
 # ---------------------------------------------------------------- commands
