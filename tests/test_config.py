@@ -301,7 +301,7 @@ def test_minimal_config_gets_the_defaults(tmp_path: Path) -> None:
             continue
         assert getattr(config, field.name) == field.default, field.name
     assert config.domain == socket.getfqdn()
-    assert config.workers == len(os.sched_getaffinity(0))  # "auto"
+    assert config.workers == 2 * len(os.sched_getaffinity(0))  # "auto": two per usable CPU
 
 
 def test_full_config(tmp_path: Path) -> None:

@@ -143,20 +143,20 @@ def test_workers_1_is_one_process(start_willi, fake_upstream) -> None:
     assert w.stop() == 0
 
 
-def test_workers_auto_is_one_per_usable_cpu(start_willi, fake_upstream, tmp_path) -> None:
+def test_workers_auto_is_two_per_usable_cpu(start_willi, fake_upstream, tmp_path) -> None:
     cpus = sorted(os.sched_getaffinity(0))
     cfg = parse_config('workers = "auto"\n[[mappings]]\ntype = "static"\nserver = "127.0.0.1:25"\n', "t.toml",
                        base=tmp_path)
-    assert cfg.workers == len(cpus)
+    assert cfg.workers == 2 * len(cpus)
     upstream = fake_upstream()
-    pinned = start_willi({"example.com": upstream.port}, workers="auto", expect=1,
+    pinned = start_willi({"example.com": upstream.port}, workers="auto", expect=2,
                          preexec_fn=lambda: os.sched_setaffinity(0, {cpus[0]}))
-    assert children(pinned.pid) == [], "one usable CPU: one process"
-    assert pinned.send_on(pinned.pid).code == 250
+    assert len(pinned.wait_workers()) == 2, "one usable CPU: two workers"
+    assert pinned.send_on(pinned.wait_workers()[0]).code == 250
     assert pinned.stop() == 0
     if len(cpus) > 1:
-        free = start_willi({"example.com": upstream.port}, workers="auto", expect=len(cpus))
-        assert len(free.wait_workers()) == len(cpus)
+        free = start_willi({"example.com": upstream.port}, workers="auto", expect=2 * len(cpus))
+        assert len(free.wait_workers()) == 2 * len(cpus)
         assert free.stop() == 0
 
 
