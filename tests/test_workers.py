@@ -160,6 +160,42 @@ def test_workers_auto_is_two_per_usable_cpu(start_willi, fake_upstream, tmp_path
         assert free.stop() == 0
 
 
+def acceptor_wakeups(pid: int) -> int:
+    """Voluntary context switches of `pid`'s acceptor thread: one per wake-up from its epoll_wait."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        if Path(f"/proc/{pid}/task/{task}/comm").read_text().strip() == "willi-accept":
+            status = Path(f"/proc/{pid}/task/{task}/status").read_text()
+            return int(re.search(r"^voluntary_ctxt_switches:\s*(\d+)", status, re.M).group(1))  # type: ignore[union-attr]
+    raise AssertionError(f"no willi-accept thread in {pid}")
+
+
+def test_a_new_connection_wakes_one_worker_and_the_workers_take_turns(start_willi, fake_upstream) -> None:
+    """EPOLLEXCLUSIVE, re-armed after each accept: no thundering herd, and no worker left out.
+
+    With a plain epoll every worker's acceptor wakes for every connection
+    (four workers: three find nothing); with EPOLLEXCLUSIVE alone the
+    kernel would hand nearly all of them to the first worker registered.
+    """
+    w = start_willi({"example.com": fake_upstream().port}, workers=4)
+    workers = w.wait_workers()
+    before = {pid: acceptor_wakeups(pid) for pid in workers}
+    served = dict.fromkeys(workers, 0)
+    connections = 40
+    for _ in range(connections):
+        client = RawClient("127.0.0.1", w.port)
+        try:
+            client.expect(220)
+            served[w.holder(client)] += 1
+            client.send("QUIT\r\n")
+            client.expect(221)
+        finally:
+            client.close()
+        time.sleep(0.02)  # the acceptor is back in epoll_wait before the next one
+    wakeups = sum(acceptor_wakeups(pid) - before[pid] for pid in workers)
+    assert wakeups <= connections * 1.5, f"{wakeups} acceptor wake-ups for {connections} connections"
+    assert all(count >= connections // 8 for count in served.values()), f"connections per worker: {served}"
+
+
 # ---------------------------------------------------------------- supervision
 
 

@@ -3,7 +3,7 @@
 The servers are made (and their sockets bound) once, by the process that
 starts Willi, before it drops privileges; with `workers` > 1 the
 supervisor forks and every worker serves the same inherited sockets (the
-kernel hands each connection to one of the workers blocked in accept).
+kernel hands each connection to one waiting worker, and the workers take turns; see `Acceptor`).
 
 One acceptor thread per process waits on all listeners and a wake pipe, so
 nothing wakes up periodically: an idle Willi sleeps until a client
@@ -15,10 +15,11 @@ calls on every path, including when no thread could be started.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
-import selectors
+import select
 import socket
 import socketserver
 import threading
@@ -37,6 +38,17 @@ log = logging.getLogger("willi.server")
 
 THREAD_STACK = 512 * 1024
 BACKOFF_MAX = 1.0
+
+
+_PR_SET_NAME = 15
+
+
+def name_os_thread(name: str) -> None:
+    """Give the running thread `name` in ps -L, top -H and /proc (Python 3.11 names only its own object)."""
+    try:
+        ctypes.CDLL(None).prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 class SessionHandler(socketserver.BaseRequestHandler):
@@ -190,6 +202,7 @@ class _SessionThread(threading.Thread):
         self.wake.acquire()
 
     def run(self) -> None:
+        name_os_thread(self.name)
         while True:
             job, self.job = self.job, None
             if job is not None:
@@ -206,15 +219,27 @@ class _SessionThread(threading.Thread):
 
 
 class Acceptor:
-    """One thread that accepts on every listener of this process, and sleeps otherwise."""
+    """One thread that accepts on every listener of this process, and sleeps otherwise.
 
-    def __init__(self, servers: list[WilliServer]) -> None:
+    With several workers on one listening socket, a plain epoll wakes every
+    worker's acceptor for each new connection and all but one find nothing
+    (accept says EAGAIN): three wasted wake-ups per connection with four
+    workers. So a shared listener is registered with EPOLLEXCLUSIVE, which
+    wakes one waiting acceptor. The kernel always tries its exclusive
+    waiters in the order they registered, which would give nearly every
+    connection to the first worker; so the acceptor that got a connection
+    registers again (EPOLL_CTL_DEL, EPOLL_CTL_ADD), which puts it last in
+    line: idle workers take new connections in turn.
+    """
+
+    def __init__(self, servers: list[WilliServer], *, shared: bool = False) -> None:
         self.servers = servers
         self._wake_r, self._wake_w = os.pipe()
         self._stop = False
         self._thread: threading.Thread | None = None
         self._spare: int | None = self._open_spare()
         self._starved = False
+        self._exclusive = select.EPOLLEXCLUSIVE if shared and hasattr(select, "EPOLLEXCLUSIVE") else 0
 
     @staticmethod
     def _open_spare() -> int | None:
@@ -245,43 +270,49 @@ class Acceptor:
         self._spare = None
 
     def _run(self) -> None:
-        selector = selectors.DefaultSelector()
-        selector.register(self._wake_r, selectors.EVENT_READ, None)
-        for server in self.servers:
-            selector.register(server.socket, selectors.EVENT_READ, server)
+        name_os_thread("willi-accept")
+        epoll = select.epoll()
+        epoll.register(self._wake_r, select.EPOLLIN)
+        listeners = {server.socket.fileno(): server for server in self.servers}
+        events = select.EPOLLIN | self._exclusive
+        for fd in listeners:
+            epoll.register(fd, events)
         backoff = 0.0
         try:
             while not self._stop:
-                for key, _ in selector.select(backoff or None):
-                    if key.data is None:
+                for fd, _ in epoll.poll(backoff or -1):
+                    if fd == self._wake_r:
                         return
-                    backoff = self._accept(key.data, backoff)
+                    accepted, backoff = self._accept(listeners[fd], backoff)
+                    if accepted and self._exclusive:
+                        epoll.unregister(fd)  # to the back of the line (see the class docstring)
+                        epoll.register(fd, events)
                 if backoff:
                     time.sleep(backoff)  # out of descriptors: give the sessions time to end
         finally:
-            selector.close()
+            epoll.close()
 
-    def _accept(self, server: WilliServer, backoff: float) -> float:
-        """Accept one waiting connection; the new backoff.
+    def _accept(self, server: WilliServer, backoff: float) -> tuple[bool, float]:
+        """Accept one waiting connection: whether one came, and the new backoff.
 
-        One per readiness event: the selector is level-triggered, so a queue
+        One per readiness event: the epoll is level-triggered, so a queue
         of several brings us straight back, and the usual single connection
         costs no second accept() that only says EAGAIN.
         """
         try:
             server.accept_one()
         except BlockingIOError:
-            return 0.0
+            return False, 0.0
         except OSError as exc:
             if is_transient_accept_error(exc):
-                return self._starving(server, exc, backoff)
+                return False, self._starving(server, exc, backoff)
             if exc.errno not in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
                 log.warning("accept on %s failed: %s", format_endpoint(*server.server_address[:2]), exc)
-            return 0.0
+            return False, 0.0
         if self._starved:
             self._starved = False
             log.warning("accepting connections again: file descriptors are available")
-        return 0.0
+        return True, 0.0
 
     def _starving(self, server: WilliServer, exc: OSError, backoff: float) -> float:
         """No descriptors: tell one waiting client 421 with the spare one, log once, back off."""
@@ -373,7 +404,7 @@ class WilliService:
         if not self.servers:
             self.bind()
         threading.stack_size(THREAD_STACK)
-        self.acceptor = Acceptor(self.servers)
+        self.acceptor = Acceptor(self.servers, shared=self.limits.regions > 1)
         self.acceptor.start()
         if announce:
             self.announce()
