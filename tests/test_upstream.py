@@ -80,6 +80,7 @@ def test_starttls_upstream_ehlo_again_and_new_extensions(willi, fake_upstream, p
     assert session.tls
     cmds = verbs(session)
     assert cmds[:3] == ["EHLO", "STARTTLS", "EHLO"], cmds
+    assert session.commands[0] == session.commands[2] == f"EHLO {w.config.domain}", session.commands[:3]
     assert cmds.index("MAIL") > 2
     # smtplib sends SIZE= because Willi offers SIZE; only the post-TLS EHLO
     # of the upstream offers it, so it passes only if Willi used the new list.

@@ -150,7 +150,6 @@ class UpstreamConnection:
         self.channel: Channel | None = None
         self.address = ""  # the IP address connected to
         self.extensions: dict[str, str] = {}
-        self.tls = False
         self.tls_info = ""  # "TLSv1.3 TLS_AES_256_GCM_SHA384 verified"
         self.xclient = False
         self.in_transaction = False
@@ -356,7 +355,6 @@ class UpstreamConnection:
         sock = self.channel.sock
         assert isinstance(sock, ssl.SSLSocket)
         cipher = sock.cipher()
-        self.tls = True
         self.tls_info = f"{sock.version()} {cipher[0] if cipher else '?'} " + (
             "verified" if tls.verify else "unverified")
         self.hello(self.local_name)
