@@ -167,6 +167,26 @@ def test_oversized_message_refused_and_session_goes_on(willi, fake_upstream, tmp
         assert_clean_wire(session)
 
 
+@pytest.mark.parametrize(("extra", "expected"), [(0, 250), (1, 552)], ids=["exactly-the-limit", "one-octet-over"])
+def test_a_message_of_exactly_max_message_bytes_is_accepted(willi, fake_upstream, tmp_path, extra, expected) -> None:
+    """The limit is the largest message accepted (octets after unstuffing, CRLF line ends, without the dot)."""
+    upstream = fake_upstream()
+    w = willi(config=make_config(tmp_path, [static_mapping(upstream.port)], max_message_bytes="10240"))
+    head = b"Subject: edge\r\n\r\n"
+    body = head + b"x" * (10240 - len(head) - 2 + extra) + b"\r\n"
+    assert len(body) == 10240 + extra
+    client = w.raw()
+    try:
+        client.ehlo()
+        _, final = transaction(client, "alice@sender.example", ["bob@example.com"], body)
+        assert final is not None and final[0] == expected, final
+        assert client.cmd("QUIT")[0] == 221
+    finally:
+        client.close()
+    wait_sessions_closed(upstream, 1)
+    assert len(upstream.completed_transactions) == (1 if expected == 250 else 0)
+
+
 def test_declared_size_over_limit_refused_at_mail(willi, fake_upstream, tmp_path) -> None:
     upstream = fake_upstream()
     w = willi(config=make_config(tmp_path, [static_mapping(upstream.port)], max_message_bytes="10KiB"))
