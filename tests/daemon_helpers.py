@@ -27,7 +27,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -187,6 +188,19 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> No
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.05)
+
+
+@contextmanager
+def others_stopped(others: Sequence[int]) -> Iterator[None]:
+    """`others` SIGSTOPped (every thread) for the block, SIGCONT after: a new connection goes to the worker left."""
+    for pid in others:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: all(stopped(pid) for pid in others), 5.0, "workers to stop")
+        yield
+    finally:
+        for pid in others:
+            os.kill(pid, signal.SIGCONT)
 
 
 def wait_exit(pid: int, timeout: float = STOP_TIMEOUT) -> int | None:
@@ -390,20 +404,13 @@ class WilliDaemon:
         """
         serving = self.worker_pids() if self.workers > 1 else [self.pid]
         assert worker in serving, f"{worker} is not among the serving processes {serving}"
-        others = [pid for pid in serving if pid != worker]
-        for pid in others:
-            os.kill(pid, signal.SIGSTOP)
-        try:
-            wait_until(lambda: all(stopped(pid) for pid in others), 5.0, "workers to stop")
+        with others_stopped([pid for pid in serving if pid != worker]):
             client = RawClient("127.0.0.1", self.port, source=source)
             try:
                 first = client.reply()
             except BaseException:
                 client.close()
                 raise
-        finally:
-            for pid in others:
-                os.kill(pid, signal.SIGCONT)
         if first[0] == 220:
             held = self.holder(client)
             assert held == worker, f"the connection landed on {held}, not {worker}"

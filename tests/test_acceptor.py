@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 import select
 import socket
-import time
 
 import pytest
+from daemon_helpers import wait_until
 
 from willi.server import Acceptor
 
@@ -36,15 +36,6 @@ class _Listener:
         self.socket.close()
 
 
-def wait_for(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
 @pytest.mark.skipif(not hasattr(select, "EPOLLEXCLUSIVE"), reason="Linux epoll without EPOLLEXCLUSIVE")
 def test_an_acceptor_whose_kernel_refuses_epollexclusive_still_accepts(caplog: pytest.LogCaptureFixture) -> None:
     listener = _Listener()
@@ -56,7 +47,7 @@ def test_an_acceptor_whose_kernel_refuses_epollexclusive_still_accepts(caplog: p
         try:
             for count in range(1, 4):
                 with socket.create_connection(listener.server_address, timeout=5):
-                    assert wait_for(lambda n=count: len(listener.accepted) == n), f"connection {count} not accepted"
+                    wait_until(lambda n=count: len(listener.accepted) == n, 5.0, f"connection {count} to be accepted")
         finally:
             acceptor.stop()
             listener.close()

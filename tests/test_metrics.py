@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from daemon_helpers import alive, free_port, stopped, wait_until
+from daemon_helpers import alive, free_port, others_stopped, wait_until
 from fakeupstream import FakeUpstream
 from prometheus_client.parser import text_string_to_metric_families
 from support import RawClient
@@ -347,16 +347,9 @@ def connect_on(w: WilliProcess, worker: int, workers: list[int]) -> RawClient:
     Left to the kernel, one worker can win every accept in a row, and the
     per-address limit ends the test before the other worker gets any.
     """
-    others = [pid for pid in workers if pid != worker]
-    for pid in others:
-        os.kill(pid, signal.SIGSTOP)
-    try:
-        wait_until(lambda: all(stopped(pid) for pid in others), 5, "the other workers to stop")
+    with others_stopped([pid for pid in workers if pid != worker]):
         client = w.client()
         client.expect(220)
-    finally:
-        for pid in others:
-            os.kill(pid, signal.SIGCONT)
     held = owner(w, client, workers)
     assert held == worker, f"the connection landed on {held}, not {worker}"
     return client
